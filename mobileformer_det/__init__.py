@@ -1,0 +1,9 @@
+"""Mobile-Former (CVPR 2022) as a Detectron2 backbone, and MF-DETR, a DETR-style detector on it.
+
+Importing this package registers ``build_mobileformer_backbone`` in Detectron2's
+``BACKBONE_REGISTRY`` and ``MFDETR`` in ``META_ARCH_REGISTRY``.
+"""
+from . import modeling
+from .config import add_mobileformer_config
+
+__version__ = "0.1.0"

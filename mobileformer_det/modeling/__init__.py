@@ -1,0 +1,8 @@
+from .backbone import (
+    VARIANTS,
+    MobileFormer,
+    MobileFormerClassifier,
+    MobileFormerSpec,
+    build_mobileformer_backbone,
+    mobile_former_classifier,
+)

@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mobileformer-det",
+    version="0.1.0",
+    description="Mobile-Former (CVPR 2022) as a Detectron2 backbone, with MF-DETR, a DETR-style detector",
+    packages=find_packages(include=["mobileformer_det", "mobileformer_det.*"]),
+    python_requires=">=3.9",
+    # Detectron2 is not on PyPI: tools/install_detectron2.py installs it (see README).
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "einops>=0.6",
+        "fvcore>=0.1.5",
+        "iopath>=0.1.9",
+        "pycocotools>=2.0.2",
+        "opencv-python-headless>=4.5",
+        "scipy>=1.7",
+        "numpy>=1.22",
+        "Pillow>=9.0",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+)
