@@ -5,6 +5,7 @@ The reference state_dict is renamed key by key to this project's modules. The tr
 classifier head under ``head.``, which the detector ignores, as Detectron2 ignores the FC layer
 of an ImageNet ResNet.
 """
+import os
 import re
 
 import torch
@@ -151,18 +152,35 @@ def load_official_checkpoint(path, variant):
 
 
 class MobileFormerCheckpointer(DetectionCheckpointer):
-    """Detectron2's ``DetectionCheckpointer`` that records the backbone variant in every checkpoint it
-    saves and refuses to load one recorded for another variant (which would otherwise load with
-    nothing but shape warnings)."""
+    """Detectron2's ``DetectionCheckpointer`` that
+
+    - writes every file atomically (a temporary file renamed over the target), so a kill during a
+      save never leaves a truncated checkpoint or ``last_checkpoint`` behind;
+    - records the backbone variant in every checkpoint and refuses to load one recorded for another
+      variant (which would otherwise load with nothing but shape warnings).
+    """
 
     def __init__(self, model, save_dir="", *, variant=None, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
         self.variant = variant
 
     def save(self, name, **kwargs):
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         if self.variant is not None:
-            kwargs.setdefault(VARIANT_KEY, self.variant)
-        super().save(name, **kwargs)
+            data[VARIANT_KEY] = self.variant
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        _atomic_write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        _atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
 
     def _load_model(self, checkpoint):
         found = checkpoint.get(VARIANT_KEY)
@@ -172,3 +190,17 @@ class MobileFormerCheckpointer(DetectionCheckpointer):
                 f"{self.variant}: set MODEL.MOBILEFORMER.VARIANT {found} or load a {self.variant} checkpoint"
             )
         return super()._load_model(checkpoint)
+
+
+def _atomic_write(path, write):
+    """Call ``write(binary file)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,8 +1,9 @@
+"""Every config key this project adds to Detectron2's defaults, with its default and meaning."""
 from detectron2.config import CfgNode as CN
 
 
 def add_mobileformer_config(cfg):
-    """Add every config key of this project to ``cfg`` with its default."""
+    """Add the keys of the Mobile-Former backbone, MF-DETR, its solver and its data to ``cfg``."""
     cfg.MODEL.MOBILEFORMER = CN()
     # One of mf26 mf52 mf96 mf151 mf214 mf294 mf508 (the paper's FLOPs at 224x224).
     cfg.MODEL.MOBILEFORMER.VARIANT = "mf294"
@@ -14,3 +15,57 @@ def add_mobileformer_config(cfg):
     cfg.MODEL.MOBILEFORMER.FREEZE_AT = 0
     # Largest stochastic-depth rate (linear over blocks, as in the reference).
     cfg.MODEL.MOBILEFORMER.DROP_PATH_RATE = 0.0
+
+    cfg.MODEL.MF_DETR = CN()
+    cfg.MODEL.MF_DETR.NUM_CLASSES = 80
+    # Object queries.
+    cfg.MODEL.MF_DETR.NUM_QUERIES = 100
+    # Decoder width, FFN width, attention heads.
+    cfg.MODEL.MF_DETR.HIDDEN_DIM = 256
+    cfg.MODEL.MF_DETR.DIM_FEEDFORWARD = 1024
+    cfg.MODEL.MF_DETR.NHEADS = 8
+    cfg.MODEL.MF_DETR.DEC_LAYERS = 6
+    # Deformable encoder layers over the maps; 0 = no encoder.
+    cfg.MODEL.MF_DETR.ENC_LAYERS = 0
+    # Sampling points per head and level of the deformable attention.
+    cfg.MODEL.MF_DETR.NUM_POINTS = 4
+    # Levels seen by the decoder: the OUT_FEATURES maps, plus stride-2 convs for the rest.
+    cfg.MODEL.MF_DETR.NUM_FEATURE_LEVELS = 3
+    cfg.MODEL.MF_DETR.DROPOUT = 0.0
+    # Initial reference boxes from the top-scoring map positions (two-stage) instead of learned ones.
+    cfg.MODEL.MF_DETR.TWO_STAGE = True
+    # Let queries attend to Mobile-Former's global tokens (False zeroes them: an ablation switch).
+    cfg.MODEL.MF_DETR.USE_TOKENS = True
+    # Losses on every decoder layer (and on the two-stage proposals).
+    cfg.MODEL.MF_DETR.AUX_LOSS = True
+    # Loss weights and matching costs (focal class / L1 / GIoU).
+    cfg.MODEL.MF_DETR.CLASS_WEIGHT = 2.0
+    cfg.MODEL.MF_DETR.BBOX_WEIGHT = 5.0
+    cfg.MODEL.MF_DETR.GIOU_WEIGHT = 2.0
+    cfg.MODEL.MF_DETR.COST_CLASS = 2.0
+    cfg.MODEL.MF_DETR.COST_BBOX = 5.0
+    cfg.MODEL.MF_DETR.COST_GIOU = 2.0
+    cfg.MODEL.MF_DETR.FOCAL_ALPHA = 0.25
+    cfg.MODEL.MF_DETR.FOCAL_GAMMA = 2.0
+    # Detections kept per image (top-k over queries x classes) and their minimum score.
+    cfg.MODEL.MF_DETR.TEST_TOPK = 100
+    cfg.MODEL.MF_DETR.TEST_SCORE_THRESH = 0.0
+
+    # "ADAMW" (default) or "SGD".
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # Learning-rate factor of the backbone's parameters.
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    cfg.SOLVER.BETAS = (0.9, 0.999)
+
+    # The DETR data augmentation (tools/train_net.py's mapper).
+    # Random resize-crop-resize with this probability; crop size range as fractions of the image.
+    cfg.INPUT.DETR_CROP = CN()
+    cfg.INPUT.DETR_CROP.ENABLED = True
+    cfg.INPUT.DETR_CROP.PROB = 0.5
+    cfg.INPUT.DETR_CROP.RESIZE_SHORT = (400, 500, 600)
+    cfg.INPUT.DETR_CROP.SIZE = (384, 600)
+
+    # Extra COCO-format datasets, registered from the config: a list of (name, json, image_root).
+    cfg.DATASETS.COCO_FORMAT = []
+    # Where the embedded toy dataset is written (generated on first use).
+    cfg.DATASETS.TOY_ROOT = "datasets/toy_coco"

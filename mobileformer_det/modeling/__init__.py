@@ -6,3 +6,4 @@ from .backbone import (
     build_mobileformer_backbone,
     mobile_former_classifier,
 )
+from .detr import MFDETR

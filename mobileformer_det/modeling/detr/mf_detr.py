@@ -1,0 +1,201 @@
+"""MF-DETR: a DETR-style set-prediction detector on Mobile-Former's multi-scale maps and global tokens."""
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
+from torchvision.ops import box_convert
+
+from .criterion import SetCriterion
+from .matcher import HungarianMatcher
+from .position_encoding import sine_embed_mask
+from .transformer import Transformer
+
+__all__ = ["MFDETR"]
+
+
+class Neck(nn.Module):
+    """1x1 conv + GroupNorm per backbone level to the decoder width, and ``num_extra`` stride-2
+    3x3 convs on the last map for coarser levels (Deformable DETR's input projection)."""
+
+    def __init__(self, in_channels, dim, num_extra=0):
+        super().__init__()
+        self.lateral = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, dim, 1), nn.GroupNorm(32, dim)) for c in in_channels
+        )
+        extra_in = [in_channels[-1]] + [dim] * (num_extra - 1)
+        self.extra = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, dim, 3, stride=2, padding=1), nn.GroupNorm(32, dim)) for c in extra_in[:num_extra]
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, maps):
+        """``maps``: list of ``[N, C_l, H_l, W_l]``; returns list of ``[N, dim, H_l, W_l]`` (plus extra levels)."""
+        out = [proj(x) for proj, x in zip(self.lateral, maps)]
+        x = maps[-1]
+        for conv in self.extra:
+            x = conv(x)
+            out.append(x)
+        return out
+
+
+@META_ARCH_REGISTRY.register()
+class MFDETR(nn.Module):
+    """Mobile-Former backbone -> neck -> deformable decoder whose queries also attend to the global tokens.
+
+    ``forward(batched_inputs)`` follows Detectron2: a list of dicts with ``image`` (``[3, H, W]``
+    uint8 in ``input_format``), ``height``/``width`` (output size) and, in training, ``instances``.
+    Training returns a dict of losses; inference a list of ``{"instances": Instances}`` with
+    ``pred_boxes``, ``scores`` and ``pred_classes`` at the output size.
+    """
+
+    @configurable
+    def __init__(self, *, backbone, in_features, num_classes, transformer, criterion, neck, token_proj,
+                 token_pos, level_embed, pixel_mean, pixel_std, input_format="RGB", aux_loss=True,
+                 use_tokens=True, test_topk=100, test_score_thresh=0.0):
+        super().__init__()
+        self.backbone, self.in_features = backbone, list(in_features)
+        self.num_classes = num_classes
+        self.transformer, self.criterion, self.neck = transformer, criterion, neck
+        self.token_proj, self.token_pos, self.level_embed = token_proj, token_pos, level_embed
+        self.input_format, self.aux_loss, self.use_tokens = input_format, aux_loss, use_tokens
+        self.test_topk, self.test_score_thresh = test_topk, test_score_thresh
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        c = cfg.MODEL.MF_DETR
+        if cfg.INPUT.FORMAT != "RGB":
+            raise ValueError(f"MF-DETR expects INPUT.FORMAT 'RGB' (Mobile-Former is trained on RGB), got {cfg.INPUT.FORMAT!r}")
+        backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
+        shapes = backbone.output_shape()
+        in_features = list(cfg.MODEL.MOBILEFORMER.OUT_FEATURES)
+        num_extra = c.NUM_FEATURE_LEVELS - len(in_features)
+        if num_extra < 0:
+            raise ValueError(
+                f"MODEL.MF_DETR.NUM_FEATURE_LEVELS={c.NUM_FEATURE_LEVELS} is fewer than the "
+                f"{len(in_features)} maps of MODEL.MOBILEFORMER.OUT_FEATURES={in_features}"
+            )
+        matcher = HungarianMatcher(c.COST_CLASS, c.COST_BBOX, c.COST_GIOU, c.FOCAL_ALPHA, c.FOCAL_GAMMA)
+        return {
+            "backbone": backbone,
+            "in_features": in_features,
+            "num_classes": c.NUM_CLASSES,
+            "neck": Neck([shapes[f].channels for f in in_features], c.HIDDEN_DIM, num_extra),
+            "transformer": Transformer(
+                c.HIDDEN_DIM, c.DIM_FEEDFORWARD, c.NUM_FEATURE_LEVELS, c.NUM_QUERIES, c.NUM_CLASSES,
+                enc_layers=c.ENC_LAYERS, dec_layers=c.DEC_LAYERS, num_heads=c.NHEADS, num_points=c.NUM_POINTS,
+                dropout=c.DROPOUT, two_stage=c.TWO_STAGE,
+            ),
+            "criterion": SetCriterion(
+                c.NUM_CLASSES, matcher, c.CLASS_WEIGHT, c.BBOX_WEIGHT, c.GIOU_WEIGHT, c.FOCAL_ALPHA, c.FOCAL_GAMMA,
+            ),
+            "token_proj": nn.Sequential(nn.Linear(backbone.token_dim, c.HIDDEN_DIM), nn.LayerNorm(c.HIDDEN_DIM)),
+            "token_pos": nn.Embedding(backbone.num_tokens, c.HIDDEN_DIM),
+            "level_embed": nn.Parameter(torch.randn(c.NUM_FEATURE_LEVELS, c.HIDDEN_DIM) * 0.02),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
+            "aux_loss": c.AUX_LOSS,
+            "use_tokens": c.USE_TOKENS,
+            "test_topk": c.TEST_TOPK,
+            "test_score_thresh": c.TEST_SCORE_THRESH,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs):
+        """Normalise and pad. Returns the ``ImageList`` and the padding mask ``[N, H, W]`` (True on padding)."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
+        mask = torch.ones(images.tensor.shape[0], *images.tensor.shape[-2:], dtype=torch.bool, device=self.device)
+        for i, (h, w) in enumerate(images.image_sizes):
+            mask[i, :h, :w] = False
+        return images, mask
+
+    def encode(self, images, mask):
+        """Backbone + neck, flattened for the transformer.
+
+        Returns a dict: ``memory``/``pos`` ``[N, S, dim]``, ``padding_mask`` ``[N, S]``,
+        ``spatial_shapes`` list of (H_l, W_l), ``valid_ratios`` ``[N, L, 2]``, ``tokens``/``token_pos`` ``[N, M, dim]``.
+        """
+        features = self.backbone(images)
+        tokens = self.token_proj(features["tokens"])
+        if not self.use_tokens:
+            tokens = torch.zeros_like(tokens)
+        maps = self.neck([features[f] for f in self.in_features])
+        memory, pos, masks, shapes, ratios = [], [], [], [], []
+        for lvl, x in enumerate(maps):
+            m = F.interpolate(mask[None].float(), size=x.shape[-2:])[0].bool()
+            h, w = x.shape[-2:]
+            shapes.append((h, w))
+            valid_h = (~m[:, :, 0]).sum(1).float() / h
+            valid_w = (~m[:, 0, :]).sum(1).float() / w
+            ratios.append(torch.stack([valid_w, valid_h], -1))
+            memory.append(x.flatten(2).transpose(1, 2))
+            p = sine_embed_mask(m, x.shape[1] // 2).to(x.dtype).flatten(2).transpose(1, 2)
+            pos.append(p + self.level_embed[lvl].to(x.dtype))
+            masks.append(m.flatten(1))
+        n = images.shape[0]
+        return {
+            "memory": torch.cat(memory, 1), "pos": torch.cat(pos, 1), "padding_mask": torch.cat(masks, 1),
+            "spatial_shapes": shapes, "valid_ratios": torch.stack(ratios, 1),
+            "tokens": tokens, "token_pos": self.token_pos.weight[None].expand(n, -1, -1).to(tokens.dtype),
+        }
+
+    def forward(self, batched_inputs):
+        images, mask = self.preprocess_image(batched_inputs)
+        outputs, enc_outputs = self.transformer(**self.encode(images.tensor, mask))
+        if self.training:
+            targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images.image_sizes)
+            return self.criterion(outputs if self.aux_loss else outputs[-1:], targets, enc_outputs)
+        logits, boxes = outputs[-1]
+        results = self.inference(logits, boxes, images.image_sizes)
+        return [
+            {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1]))}
+            for r, x, size in zip(results, batched_inputs, images.image_sizes)
+        ]
+
+    @staticmethod
+    def prepare_targets(instances, image_sizes):
+        """Ground truth as normalised cxcywh boxes ``[T, 4]`` and labels ``[T]`` per image."""
+        targets = []
+        for inst, (h, w) in zip(instances, image_sizes):
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=inst.gt_boxes.device)
+            boxes = box_convert(inst.gt_boxes.tensor / scale, "xyxy", "cxcywh")
+            targets.append({"labels": inst.gt_classes, "boxes": boxes})
+        return targets
+
+    def inference(self, logits, boxes, image_sizes):
+        """Top-k over queries x classes.
+
+        Args:
+            logits: ``[N, Q, K]``; boxes: ``[N, Q, 4]`` normalised cxcywh.
+            image_sizes: the (h, w) of each image before padding.
+        Returns:
+            list of ``Instances`` at those sizes.
+        """
+        results = []
+        prob = logits.float().sigmoid().flatten(1)                                # [N, Q*K]
+        k = min(self.test_topk, prob.shape[1])
+        scores, idx = prob.topk(k, dim=1)
+        query, labels = idx // self.num_classes, idx % self.num_classes
+        for i, (h, w) in enumerate(image_sizes):
+            b = box_convert(boxes[i, query[i]].float(), "cxcywh", "xyxy")
+            b = b * torch.tensor([w, h, w, h], dtype=b.dtype, device=b.device)
+            keep = scores[i] > self.test_score_thresh
+            r = Instances((h, w))
+            r.pred_boxes = Boxes(b[keep])
+            r.pred_boxes.clip((h, w))
+            r.scores = scores[i][keep]
+            r.pred_classes = labels[i][keep]
+            results.append(r)
+        return results

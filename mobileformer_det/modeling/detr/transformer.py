@@ -1,0 +1,207 @@
+"""The MF-DETR transformer: an optional deformable encoder over the maps, and a decoder whose
+object queries attend to each other, to Mobile-Former's global tokens and to the multi-scale maps,
+with iterative box refinement."""
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .deformable_attention import MSDeformAttn
+from .position_encoding import sine_embed_coords
+
+
+def inverse_sigmoid(x, eps=1e-5):
+    x = x.clamp(0, 1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them."""
+
+    def __init__(self, in_dim, hidden_dim, out_dim, num_layers):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class FFN(nn.Module):
+    """Post-norm feed-forward block: ``norm(x + fc2(dropout(relu(fc1(x)))))``."""
+
+    def __init__(self, dim, ffn_dim, dropout):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, ffn_dim), nn.Linear(ffn_dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        return self.norm(x + self.dropout(self.fc2(self.dropout(F.relu(self.fc1(x))))))
+
+
+class EncoderLayer(nn.Module):
+    """Deformable self-attention over all map positions, then an FFN (post-norm)."""
+
+    def __init__(self, dim, ffn_dim, num_levels, num_heads, num_points, dropout):
+        super().__init__()
+        self.self_attn = MSDeformAttn(dim, num_levels, num_heads, num_points)
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.ffn = FFN(dim, ffn_dim, dropout)
+
+    def forward(self, memory, pos, reference, spatial_shapes, padding_mask):
+        """``memory``, ``pos``: ``[N, S, dim]``; ``reference``: ``[N, S, L, 2]``; returns ``[N, S, dim]``."""
+        out = self.self_attn(memory + pos, reference, memory, spatial_shapes, padding_mask)
+        return self.ffn(self.norm(memory + self.dropout(out)))
+
+
+class DecoderLayer(nn.Module):
+    """Query self-attention; attention to the global tokens; deformable attention to the maps; FFN."""
+
+    def __init__(self, dim, ffn_dim, num_levels, num_heads, num_points, dropout):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.token_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.cross_attn = MSDeformAttn(dim, num_levels, num_heads, num_points)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(3))
+        self.dropout = nn.Dropout(dropout)
+        self.ffn = FFN(dim, ffn_dim, dropout)
+
+    def forward(self, query, query_pos, reference, memory, spatial_shapes, padding_mask, tokens, token_pos):
+        """
+        Args:
+            query, query_pos: ``[N, Q, dim]``.
+            reference: ``[N, Q, L, 4]`` boxes (cx, cy, w, h) normalised to each padded level.
+            memory: ``[N, S, dim]``; padding_mask ``[N, S]``.
+            tokens, token_pos: ``[N, M, dim]``, the projected global tokens and their embeddings.
+        Returns:
+            ``[N, Q, dim]``.
+        """
+        q = query + query_pos
+        query = self.norms[0](query + self.dropout(self.self_attn(q, q, query, need_weights=False)[0]))
+        out = self.token_attn(query + query_pos, tokens + token_pos, tokens, need_weights=False)[0]
+        query = self.norms[1](query + self.dropout(out))
+        out = self.cross_attn(query + query_pos, reference, memory, spatial_shapes, padding_mask)
+        query = self.norms[2](query + self.dropout(out))
+        return self.ffn(query)
+
+
+class Transformer(nn.Module):
+    """Encoder (``enc_layers`` may be 0), two-stage query selection (optional) and the decoder.
+
+    Args:
+        dim: decoder width. ffn_dim: FFN hidden width. num_levels: feature levels.
+        num_queries: object queries. num_classes: foreground classes (sigmoid, no background).
+        two_stage: pick the initial reference boxes as the top-scoring map positions (with the
+            class and box heads run on every position); else learned reference boxes.
+    """
+
+    def __init__(self, dim, ffn_dim, num_levels, num_queries, num_classes, enc_layers=0, dec_layers=6,
+                 num_heads=8, num_points=4, dropout=0.0, two_stage=True):
+        super().__init__()
+        self.num_queries, self.two_stage = num_queries, two_stage
+        encoder_layer = EncoderLayer(dim, ffn_dim, num_levels, num_heads, num_points, dropout)
+        self.encoder = nn.ModuleList(copy.deepcopy(encoder_layer) for _ in range(enc_layers))
+        decoder_layer = DecoderLayer(dim, ffn_dim, num_levels, num_heads, num_points, dropout)
+        self.decoder = nn.ModuleList(copy.deepcopy(decoder_layer) for _ in range(dec_layers))
+        self.query_pos_head = MLP(2 * dim, dim, dim, 2)
+        self.query_embed = nn.Embedding(num_queries, dim)
+        self.class_heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(dec_layers))
+        self.box_heads = nn.ModuleList(MLP(dim, dim, 4, 3) for _ in range(dec_layers))
+        if two_stage:
+            self.enc_output = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim))
+            self.enc_class_head = nn.Linear(dim, num_classes)
+            self.enc_box_head = MLP(dim, dim, 4, 3)
+        else:
+            self.reference_boxes = nn.Embedding(num_queries, 4)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        prior_bias = -4.595  # focal-loss prior: sigmoid = 0.01
+        heads = list(self.class_heads) + ([self.enc_class_head] if self.two_stage else [])
+        for head in heads:
+            nn.init.constant_(head.bias, prior_bias)
+        for mlp in list(self.box_heads) + ([self.enc_box_head] if self.two_stage else []):
+            nn.init.zeros_(mlp.layers[-1].weight)
+            nn.init.zeros_(mlp.layers[-1].bias)
+        if not self.two_stage:
+            nn.init.uniform_(self.reference_boxes.weight, -2.0, 0.0)
+            with torch.no_grad():
+                self.reference_boxes.weight[:, :2].uniform_(-3.0, 3.0)
+
+    @staticmethod
+    def _grid_references(spatial_shapes, valid_ratios, device):
+        """Pixel centres of every level, normalised to the valid image: ``[N, S, 2]`` (x, y)."""
+        points = []
+        for lvl, (h, w) in enumerate(spatial_shapes):
+            y, x = torch.meshgrid(
+                torch.linspace(0.5, h - 0.5, h, device=device), torch.linspace(0.5, w - 0.5, w, device=device),
+                indexing="ij",
+            )
+            xy = torch.stack([x.reshape(-1) / w, y.reshape(-1) / h], -1)         # padded-normalised
+            points.append(xy[None] / valid_ratios[:, None, lvl])                # valid-normalised
+        return torch.cat(points, 1)
+
+    def _select_queries(self, memory, padding_mask, spatial_shapes, valid_ratios):
+        """Two-stage: score every position, keep the top ``num_queries`` as reference boxes.
+
+        Returns (reference boxes ``[N, Q, 4]`` in sigmoid space, detached; encoder outputs
+        ``{"pred_logits": [N, Q, K], "pred_boxes": [N, Q, 4]}`` of the selected positions).
+        """
+        centres = self._grid_references(spatial_shapes, valid_ratios, memory.device)   # [N, S, 2]
+        level_sizes = torch.cat([
+            torch.full((h * w,), 0.05 * 2.0 ** lvl, device=memory.device) for lvl, (h, w) in enumerate(spatial_shapes)
+        ])
+        anchors = torch.cat([centres, level_sizes[None, :, None].expand(*centres.shape[:2], 2)], -1)
+        valid = ~padding_mask & ((anchors > 0.01) & (anchors < 0.99)).all(-1)
+        anchors = inverse_sigmoid(anchors).masked_fill(~valid[..., None], 0.0)
+        output = self.enc_output(memory.masked_fill(~valid[..., None], 0.0))
+        logits = self.enc_class_head(output)
+        boxes = self.enc_box_head(output) + anchors                              # sigmoid space
+        scores = logits.max(-1)[0].masked_fill(~valid, float("-inf"))
+        k = min(self.num_queries, scores.shape[1])
+        topk = scores.topk(k, dim=1)[1]
+        boxes = torch.gather(boxes, 1, topk[..., None].expand(-1, -1, 4))
+        logits = torch.gather(logits, 1, topk[..., None].expand(-1, -1, logits.shape[-1]))
+        return boxes.detach().sigmoid(), {"pred_logits": logits, "pred_boxes": boxes.sigmoid()}
+
+    def forward(self, memory, pos, padding_mask, spatial_shapes, valid_ratios, tokens, token_pos):
+        """
+        Args:
+            memory, pos: ``[N, S, dim]`` flattened maps of all levels and their position/level embedding.
+            padding_mask: ``[N, S]`` bool, True on padding.
+            spatial_shapes: list of ``(H_l, W_l)``.
+            valid_ratios: ``[N, L, 2]`` valid width and height of each level over its padded size.
+            tokens, token_pos: ``[N, M, dim]``.
+        Returns:
+            (list over decoder layers of ``(logits [N, Q, K], boxes [N, Q, 4] cxcywh in [0, 1])``,
+            encoder outputs dict or None).
+        """
+        if len(self.encoder):
+            reference = self._grid_references(spatial_shapes, valid_ratios, memory.device)
+            reference = reference[:, :, None] * valid_ratios[:, None]            # [N, S, L, 2]
+            for layer in self.encoder:
+                memory = layer(memory, pos, reference, spatial_shapes, padding_mask)
+
+        n = memory.shape[0]
+        enc_outputs = None
+        if self.two_stage:
+            reference, enc_outputs = self._select_queries(memory, padding_mask, spatial_shapes, valid_ratios)
+        else:
+            reference = self.reference_boxes.weight.sigmoid()[None].expand(n, -1, -1)
+        query = self.query_embed.weight[None, : reference.shape[1]].expand(n, -1, -1)
+
+        ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]            # [N, 1, L, 4]
+        outputs = []
+        for layer, class_head, box_head in zip(self.decoder, self.class_heads, self.box_heads):
+            query_pos = self.query_pos_head(sine_embed_coords(reference, query.shape[-1] // 2).to(query.dtype))
+            query = layer(query, query_pos, reference[:, :, None] * ratios, memory, spatial_shapes,
+                          padding_mask, tokens, token_pos)
+            boxes = (box_head(query) + inverse_sigmoid(reference)).sigmoid()
+            outputs.append((class_head(query), boxes))
+            reference = boxes.detach()
+        return outputs, enc_outputs
