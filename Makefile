@@ -1,0 +1,31 @@
+# Set-up and the two jobs of the README. `make toy` trains, evaluates and runs the demo on the
+# embedded toy dataset; `make test` runs the test suite. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TOY_OUT := output/mf_detr_toy
+
+.PHONY: setup toy test test-fast clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py tools/install_detectron2.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) tools/install_detectron2.py
+	touch $@
+
+toy: setup
+	$(PY) tools/train_net.py --config-file configs/mf_detr_toy.yaml OUTPUT_DIR $(TOY_OUT)
+	$(PY) tools/demo.py --config-file configs/mf_detr_toy.yaml --input "datasets/toy_coco/val/0000*.png" \
+		--output $(TOY_OUT)/demo --opts MODEL.WEIGHTS $(TOY_OUT)/model_final.pth
+
+test: setup
+	$(PY) -m pytest tests -v -rs --durations=15
+
+test-fast: setup
+	$(PY) -m pytest tests -v -m "not slow"
+
+clean:
+	rm -rf $(VENV) output

@@ -1,0 +1,47 @@
+"""Shared helpers of the test suite."""
+import ast
+import math
+import os
+
+import torch
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def official_key_list(variant):
+    """``[(key, shape)]`` of the reference state_dict (tests/data/official_<variant>_keys.txt)."""
+    path = os.path.join(DATA, f"official_{variant[2:]}m_keys.txt")
+    entries = []
+    with open(path) as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            key, shape = line.rstrip("\n").split("\t")
+            entries.append((key, tuple(ast.literal_eval(shape))))
+    return entries
+
+
+def synthetic_official_state_dict(variant, seed=0):
+    """A reference-layout state_dict with deterministic random values (BN statistics included)."""
+    g = torch.Generator().manual_seed(seed)
+    state_dict = {}
+    for key, shape in official_key_list(variant):
+        if key.endswith("num_batches_tracked"):
+            value = torch.tensor(0)
+        elif key.endswith("running_var"):
+            value = torch.rand(shape, generator=g) + 0.5
+        elif key.endswith("running_mean") or key.endswith("bias"):
+            value = torch.randn(shape, generator=g) * 0.1
+        elif key == "tokens.weight":
+            value = torch.randn(shape, generator=g)
+        elif len(shape) == 1:  # BatchNorm / LayerNorm scale
+            value = 1 + torch.randn(shape, generator=g) * 0.1
+        else:
+            fan_in = math.prod(shape[1:])
+            value = torch.randn(shape, generator=g) / math.sqrt(fan_in)
+        state_dict[key] = value
+    return state_dict
+
+
+def reference_input(seed=1):
+    return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
