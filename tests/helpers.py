@@ -45,3 +45,29 @@ def synthetic_official_state_dict(variant, seed=0):
 
 def reference_input(seed=1):
     return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def toy_cfg(*opts):
+    """The toy recipe's config (configs/mf_detr_toy.yaml) with ``KEY VALUE`` overrides, on the CPU."""
+    from detectron2.config import get_cfg
+
+    from mobileformer_det import add_mobileformer_config
+
+    cfg = get_cfg()
+    add_mobileformer_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "mf_detr_toy.yaml"))
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def make_instances(boxes_xyxy, classes, image_size):
+    from detectron2.structures import Boxes, Instances
+
+    inst = Instances(image_size)
+    inst.gt_boxes = Boxes(torch.tensor(boxes_xyxy, dtype=torch.float32).reshape(-1, 4))
+    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    return inst

@@ -1,13 +1,16 @@
 """The three block types of Mobile-Former's table (PAPER.md: ``lite``, ``down``, ``mf``).
 
 Every block maps ``(x [N, C_in, H, W], tokens [N, M, d])`` to
-``(x [N, C_out, H/s, W/s], tokens [N, M, d])``.
+``(x [N, C_out, H/s, W/s], tokens [N, M, d])``. With ``masks = (mask_in, mask_out)`` (bool
+``[N, 1, H, W]`` and ``[N, 1, H/s, W/s]``, True inside the image) padded positions are zeroed before
+every spatial convolution and left out of Mobile->Former, so a padded image gives the same
+result as the image alone; ``masks=None`` is the reference's computation.
 """
 import torch.nn.functional as F
 from torch import nn
 
 from .bridge import Former, FormerToMobile, MobileToFormer
-from .layers import DropPath, DynamicReLU, channel_shuffle, conv_norm
+from .layers import DropPath, DynamicReLU, channel_shuffle, conv_norm, zero_padding
 
 
 class LiteBottleneck(nn.Module):
@@ -23,8 +26,8 @@ class LiteBottleneck(nn.Module):
         self.dw = conv_norm(in_channels, in_channels * expand, 3, stride, groups=in_channels, norm=norm)
         self.pw = conv_norm(in_channels * expand, out_channels, 1, groups=groups, norm=norm)
 
-    def forward(self, x, tokens):
-        out = F.relu6(self.dw(x))
+    def forward(self, x, tokens, masks=(None, None)):
+        out = F.relu6(self.dw(zero_padding(x, masks[0])))
         if self.shuffle_groups:
             out = channel_shuffle(out, self.shuffle_groups)
         out = self.pw(out)
@@ -69,10 +72,10 @@ class MobileFormerBlock(_BridgedBlock):
     def _shuffle(self, x):
         return channel_shuffle(x, self.groups) if self.groups > 1 else x
 
-    def forward(self, x, tokens):
-        tokens = self.former(self.mobile_to_former(x, tokens))
+    def forward(self, x, tokens, masks=(None, None)):
+        tokens = self.former(self.mobile_to_former(x, tokens, masks[0]))
         out = self.expand_act(self._shuffle(self.expand(x)), tokens)
-        out = self.dw_act(self.dw(out), tokens)
+        out = self.dw_act(self.dw(zero_padding(out, masks[0])), tokens)
         out = self._shuffle(self.project(out))
         if self.use_shortcut:
             out = self.drop_path(out) + x
@@ -102,13 +105,13 @@ class MobileFormerDownBlock(_BridgedBlock):
         self.dw2_act = DynamicReLU(hidden2, token_dim)
         self.pw2 = conv_norm(hidden2, out_channels, 1, groups=groups, norm=norm)
 
-    def forward(self, x, tokens):
-        tokens = self.former(self.mobile_to_former(x, tokens))
-        out = self.dw1(x)
+    def forward(self, x, tokens, masks=(None, None)):
+        tokens = self.former(self.mobile_to_former(x, tokens, masks[0]))
+        out = self.dw1(zero_padding(x, masks[0]))
         if self.groups > 1:
             out = channel_shuffle(out, self.in_channels)
         mid = self.pw1(self.dw1_act(out, tokens))
-        out = self.dw2(mid)
+        out = self.dw2(zero_padding(mid, masks[1]))
         if self.groups > 1:
             out = channel_shuffle(out, self.out_channels)
         out = self.pw2(self.dw2_act(out, tokens))

@@ -46,18 +46,21 @@ class MobileToFormer(nn.Module):
         self.norm = nn.LayerNorm(token_dim)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, tokens):
+    def forward(self, x, tokens, mask=None):
         """
         Args:
             x: ``[N, C, H, W]``.
             tokens: ``[N, M, d]``.
+            mask: optional ``[N, 1, H, W]`` bool, True inside the image: padding is not attended to.
         Returns:
             updated tokens, ``[N, M, d]``.
         """
         n, c, h, w = x.shape
         q = _split_heads(self.q(tokens), self.num_heads)                          # [N, h, M, C/h]
         kv = x.reshape(n, self.num_heads, c // self.num_heads, h * w).transpose(2, 3)  # [N, h, HW, C/h]
-        out = F.scaled_dot_product_attention(q, kv.to(q.dtype), kv.to(q.dtype), scale=self.scale)
+        attn_mask = None if mask is None else mask.reshape(n, 1, 1, h * w)
+        out = F.scaled_dot_product_attention(
+            q, kv.to(q.dtype), kv.to(q.dtype), attn_mask=attn_mask, scale=self.scale)
         out = _merge_heads(out) * (2.0 * F.hardsigmoid(self.gate(tokens)))        # [N, M, C]
         return self.norm(tokens + self.drop_path(self.proj(out)))
 

@@ -15,6 +15,26 @@ def conv_norm(in_channels, out_channels, kernel_size, stride=1, groups=1, norm="
     )
 
 
+def valid_mask(image_sizes, stride, height, width):
+    """Which positions of a stride-``stride`` map of a padded batch lie inside each image.
+
+    Args:
+        image_sizes: ``[N, 2]`` int tensor, (h, w) of each image before padding.
+        stride: the map's stride; a stride-s map of an h-pixel image has ceil(h / s) valid rows.
+    Returns:
+        ``[N, 1, height, width]`` bool, True inside the image.
+    """
+    valid = torch.div(image_sizes + stride - 1, stride, rounding_mode="floor")
+    rows = torch.arange(height, device=image_sizes.device)[None, :] < valid[:, :1]
+    cols = torch.arange(width, device=image_sizes.device)[None, :] < valid[:, 1:]
+    return (rows[:, :, None] & cols[:, None, :])[:, None]
+
+
+def zero_padding(x, mask):
+    """``x * mask``: padded positions set to 0, as a convolution's own zero padding would see them."""
+    return x if mask is None else x * mask.to(x.dtype)
+
+
 def channel_shuffle(x, groups):
     """ShuffleNet's channel shuffle: ``[N, g*k, H, W]`` viewed as ``[N, g, k, H, W]``, transposed to k-major."""
     n, c, h, w = x.shape

@@ -10,7 +10,7 @@ from torch import nn
 
 from .blocks import BLOCK_TYPES
 from .bridge import MobileToFormer
-from .layers import conv_norm, init_reference_weights
+from .layers import conv_norm, init_reference_weights, valid_mask, zero_padding
 
 __all__ = ["VARIANTS", "MobileFormerSpec", "MobileFormer", "build_mobileformer_backbone"]
 
@@ -106,7 +106,7 @@ class MobileFormer(Backbone):
         self.tokens = nn.Parameter(torch.randn(spec.num_tokens, spec.token_dim))
         self.stem = conv_norm(3, spec.stem, 3, stride=2, norm=norm)
 
-        blocks, stage_of_block = [], []
+        blocks, stage_of_block, self._block_strides = [], [], []
         channels, stride = spec.stem, 2
         self._out_feature_channels, self._out_feature_strides = {}, {}
         num_rows = len(spec.blocks)
@@ -118,6 +118,7 @@ class MobileFormer(Backbone):
                     groups=spec.groups, norm=norm, drop_path=drop_path * (row + 1) / num_rows,
                 ))
                 channels, stride = c, stride * block_stride
+                self._block_strides.append(stride)
                 # Blocks still at stride 2 belong to the stem stage (frozen with it, never an output).
                 name = "res{}".format(stride.bit_length() - 1) if stride >= 4 else "stem"
                 stage_of_block.append(name)
@@ -171,10 +172,12 @@ class MobileFormer(Backbone):
         self.stem = FrozenBatchNorm2d.convert_frozen_batchnorm(self.stem)
         return self
 
-    def forward_features(self, x):
+    def forward_features(self, x, image_sizes=None):
         """
         Args:
-            x: ``[N, 3, H, W]`` normalised RGB images.
+            x: ``[N, 3, H, W]`` normalised RGB images, zero-padded at the bottom and right.
+            image_sizes: optional ``[N, 2]`` int tensor of each image's (h, w) before padding: padding
+                then never reaches the valid part of any map, nor the tokens (see blocks.py).
         Returns:
             (dict of every stage map that ``self._out_features`` asks for, final map ``[N, C, H/32, W/32]``,
             tokens ``[N, M, d]`` after the final Mobile->Former).
@@ -182,23 +185,34 @@ class MobileFormer(Backbone):
         outputs = {}
         x = F.relu6(self.stem(x))
         tokens = self.tokens.unsqueeze(0).expand(x.shape[0], -1, -1)
+        stride = 2
+        mask_in = None if image_sizes is None else valid_mask(image_sizes, stride, *x.shape[-2:])
         for i, block in enumerate(self.blocks):
-            x, tokens = block(x, tokens)
+            if self._block_strides[i] != stride:
+                stride = self._block_strides[i]
+                h, w = (x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2
+                mask_out = None if image_sizes is None else valid_mask(image_sizes, stride, h, w)
+            else:
+                mask_out = mask_in
+            x, tokens = block(x, tokens, (mask_in, mask_out))
+            mask_in = mask_out
             name = self._stage_of_block[i]
             if name in self._out_features and self._stage_ends[name] == i:
-                outputs[name] = x
-        tokens = self.final_mobile_to_former(x, tokens)
+                outputs[name] = zero_padding(x, mask_in)
+        tokens = self.final_mobile_to_former(x, tokens, mask_in)
         return outputs, x, tokens
 
-    def forward(self, x):
+    def forward(self, x, image_sizes=None):
         """
         Args:
             x: ``[N, 3, H, W]`` normalised RGB images.
+            image_sizes: optional ``[N, 2]`` (h, w) before padding; with it, padded positions are
+                zero in every returned map and take no part in the result.
         Returns:
             dict: ``name -> [N, C_name, H/stride, W/stride]`` for each of ``out_features``, and
             ``"tokens" -> [N, M, d]``.
         """
-        outputs, _, tokens = self.forward_features(x)
+        outputs, _, tokens = self.forward_features(x, image_sizes)
         outputs["tokens"] = tokens
         return outputs
 

@@ -1,8 +1,7 @@
 """MF-DETR: a DETR-style set-prediction detector on Mobile-Former's multi-scale maps and global tokens."""
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec
+from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
@@ -10,6 +9,7 @@ from torchvision.ops import box_convert
 
 from .criterion import SetCriterion
 from .matcher import HungarianMatcher
+from ..backbone.layers import valid_mask
 from .position_encoding import sine_embed_mask
 from .transformer import Transformer
 
@@ -17,29 +17,40 @@ __all__ = ["MFDETR"]
 
 
 class Neck(nn.Module):
-    """1x1 conv + GroupNorm per backbone level to the decoder width, and ``num_extra`` stride-2
-    3x3 convs on the last map for coarser levels (Deformable DETR's input projection)."""
+    """1x1 conv + channel LayerNorm per backbone level to the decoder width, and ``num_extra``
+    stride-2 3x3 convs on the last map for coarser levels (Deformable DETR's input projection).
+
+    Deformable DETR normalises with GroupNorm, whose statistics run over the whole padded map;
+    a per-position LayerNorm keeps an image's features independent of the batch's padding.
+    """
 
     def __init__(self, in_channels, dim, num_extra=0):
         super().__init__()
-        self.lateral = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, dim, 1), nn.GroupNorm(32, dim)) for c in in_channels
-        )
+        self.lateral = nn.ModuleList(nn.Sequential(nn.Conv2d(c, dim, 1), get_norm("LN", dim)) for c in in_channels)
         extra_in = [in_channels[-1]] + [dim] * (num_extra - 1)
         self.extra = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, dim, 3, stride=2, padding=1), nn.GroupNorm(32, dim)) for c in extra_in[:num_extra]
+            nn.Sequential(nn.Conv2d(c, dim, 3, stride=2, padding=1), get_norm("LN", dim)) for c in extra_in[:num_extra]
         )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, maps):
-        """``maps``: list of ``[N, C_l, H_l, W_l]``; returns list of ``[N, dim, H_l, W_l]`` (plus extra levels)."""
+    def forward(self, maps, mask_fn=None):
+        """
+        Args:
+            maps: list of ``[N, C_l, H_l, W_l]``, zero on padding.
+            mask_fn: optional ``(stride multiplier, h, w) -> [N, 1, h, w]`` valid mask of an extra
+                level, used to zero its padding before the next stride-2 conv reads it.
+        Returns:
+            list of ``[N, dim, H_l, W_l]``, the extra levels last.
+        """
         out = [proj(x) for proj, x in zip(self.lateral, maps)]
         x = maps[-1]
-        for conv in self.extra:
+        for i, conv in enumerate(self.extra):
             x = conv(x)
+            if mask_fn is not None:
+                x = x * mask_fn(2 ** (i + 1), *x.shape[-2:]).to(x.dtype)
             out.append(x)
         return out
 
@@ -113,29 +124,33 @@ class MFDETR(nn.Module):
         return self.pixel_mean.device
 
     def preprocess_image(self, batched_inputs):
-        """Normalise and pad. Returns the ``ImageList`` and the padding mask ``[N, H, W]`` (True on padding)."""
+        """Normalise and pad (with zeros, after normalisation). Returns the ``ImageList``."""
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
-        mask = torch.ones(images.tensor.shape[0], *images.tensor.shape[-2:], dtype=torch.bool, device=self.device)
-        for i, (h, w) in enumerate(images.image_sizes):
-            mask[i, :h, :w] = False
-        return images, mask
+        return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
-    def encode(self, images, mask):
+    def encode(self, images):
         """Backbone + neck, flattened for the transformer.
 
-        Returns a dict: ``memory``/``pos`` ``[N, S, dim]``, ``padding_mask`` ``[N, S]``,
-        ``spatial_shapes`` list of (H_l, W_l), ``valid_ratios`` ``[N, L, 2]``, ``tokens``/``token_pos`` ``[N, M, dim]``.
+        Args:
+            images: an ``ImageList``.
+        Returns a dict: ``memory``/``pos`` ``[N, S, dim]``, ``padding_mask`` ``[N, S]`` (True on
+        padding), ``spatial_shapes`` list of (H_l, W_l), ``valid_ratios`` ``[N, L, 2]``,
+        ``tokens``/``token_pos`` ``[N, M, dim]``.
         """
-        features = self.backbone(images)
+        sizes = torch.tensor(images.image_sizes, device=self.device)
+        features = self.backbone(images.tensor, sizes)
         tokens = self.token_proj(features["tokens"])
         if not self.use_tokens:
             tokens = torch.zeros_like(tokens)
-        maps = self.neck([features[f] for f in self.in_features])
+        strides = [self.backbone.output_shape()[f].stride for f in self.in_features]
+        last = strides[-1]
+        maps = self.neck([features[f] for f in self.in_features],
+                         lambda k, h, w: valid_mask(sizes, last * k, h, w))
+        strides += [last * 2 ** (i + 1) for i in range(len(maps) - len(strides))]
         memory, pos, masks, shapes, ratios = [], [], [], [], []
-        for lvl, x in enumerate(maps):
-            m = F.interpolate(mask[None].float(), size=x.shape[-2:])[0].bool()
+        for lvl, (x, stride) in enumerate(zip(maps, strides)):
             h, w = x.shape[-2:]
+            m = ~valid_mask(sizes, stride, h, w)[:, 0]
             shapes.append((h, w))
             valid_h = (~m[:, :, 0]).sum(1).float() / h
             valid_w = (~m[:, 0, :]).sum(1).float() / w
@@ -144,7 +159,7 @@ class MFDETR(nn.Module):
             p = sine_embed_mask(m, x.shape[1] // 2).to(x.dtype).flatten(2).transpose(1, 2)
             pos.append(p + self.level_embed[lvl].to(x.dtype))
             masks.append(m.flatten(1))
-        n = images.shape[0]
+        n = images.tensor.shape[0]
         return {
             "memory": torch.cat(memory, 1), "pos": torch.cat(pos, 1), "padding_mask": torch.cat(masks, 1),
             "spatial_shapes": shapes, "valid_ratios": torch.stack(ratios, 1),
@@ -152,8 +167,8 @@ class MFDETR(nn.Module):
         }
 
     def forward(self, batched_inputs):
-        images, mask = self.preprocess_image(batched_inputs)
-        outputs, enc_outputs = self.transformer(**self.encode(images.tensor, mask))
+        images = self.preprocess_image(batched_inputs)
+        outputs, enc_outputs = self.transformer(**self.encode(images))
         if self.training:
             targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images.image_sizes)
             return self.criterion(outputs if self.aux_loss else outputs[-1:], targets, enc_outputs)

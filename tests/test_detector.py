@@ -1,0 +1,153 @@
+"""MF-DETR: matching, losses, pre/post-processing, padding, the role of the global tokens."""
+import itertools
+
+import pytest
+import torch
+from detectron2.modeling import build_model, detector_postprocess
+from torchvision.ops import box_convert, generalized_box_iou
+
+from helpers import make_instances, toy_cfg
+from mobileformer_det.modeling import VARIANTS, MFDETR
+from mobileformer_det.modeling.detr import HungarianMatcher, SetCriterion
+from mobileformer_det.modeling.detr.matcher import focal_class_cost
+
+
+def random_targets(g, num_boxes, num_classes):
+    cxcy = torch.rand(num_boxes, 2, generator=g) * 0.6 + 0.2
+    wh = torch.rand(num_boxes, 2, generator=g) * 0.3 + 0.05
+    return {"labels": torch.randint(0, num_classes, (num_boxes,), generator=g), "boxes": torch.cat([cxcy, wh], 1)}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_matcher_is_optimal_against_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    num_queries, num_boxes, num_classes = 6, 1 + seed % 4, 5
+    logits = torch.randn(1, num_queries, num_classes, generator=g)
+    boxes = torch.cat([torch.rand(1, num_queries, 2, generator=g) * 0.6 + 0.2,
+                       torch.rand(1, num_queries, 2, generator=g) * 0.3 + 0.05], -1)
+    target = random_targets(g, num_boxes, num_classes)
+    matcher = HungarianMatcher(2.0, 5.0, 2.0)
+    (rows, cols), = matcher(logits, boxes, [target])
+
+    xyxy = lambda b: box_convert(b, "cxcywh", "xyxy")  # noqa: E731
+    cost = (2.0 * focal_class_cost(logits[0], target["labels"]) + 5.0 * torch.cdist(boxes[0], target["boxes"], p=1)
+            - 2.0 * generalized_box_iou(xyxy(boxes[0]), xyxy(target["boxes"])))
+    best = min(sum(cost[q, t] for t, q in enumerate(perm)) for perm in itertools.permutations(range(num_queries), num_boxes))
+    assert len(rows) == num_boxes and sorted(cols.tolist()) == list(range(num_boxes))
+    assert cost[rows, cols].sum().item() == pytest.approx(best.item(), abs=1e-4)
+
+
+def test_perfect_prediction_has_zero_box_loss_and_minimal_class_loss():
+    g = torch.Generator().manual_seed(0)
+    target = random_targets(g, 3, 4)
+    logits = torch.full((1, 10, 4), -30.0)
+    boxes = torch.rand(1, 10, 4, generator=g) * 0.1 + 0.3
+    for i, (label, box) in enumerate(zip(target["labels"], target["boxes"])):
+        logits[0, 2 * i, label] = 30.0
+        boxes[0, 2 * i] = box
+    criterion = SetCriterion(4, HungarianMatcher())
+    losses = criterion([(logits, boxes)], [target])
+    assert losses["loss_bbox"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["loss_giou"].item() == pytest.approx(0.0, abs=1e-6)
+    assert 0.0 <= losses["loss_class"].item() < 1e-6
+    # a wrong class costs
+    logits[0, 0] = logits[0, 0].roll(1)
+    assert criterion([(logits, boxes)], [target])["loss_class"].item() > 1.0
+
+
+def test_losses_without_boxes_are_finite_and_zero_for_boxes():
+    criterion = SetCriterion(4, HungarianMatcher())
+    logits = torch.randn(2, 5, 4, requires_grad=True)
+    boxes = torch.rand(2, 5, 4).requires_grad_()
+    empty = {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}
+    losses = criterion([(logits, boxes)], [empty, empty])
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_bbox"].item() == 0.0 and losses["loss_giou"].item() == 0.0
+    sum(losses.values()).backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_prepare_targets_normalises_to_cxcywh():
+    inst = make_instances([[10, 20, 50, 60]], [2], (100, 200))
+    (target,) = MFDETR.prepare_targets([inst], [(100, 200)])
+    torch.testing.assert_close(target["boxes"], torch.tensor([[30 / 200, 40 / 100, 40 / 200, 40 / 100]]))
+    assert target["labels"].tolist() == [2]
+
+
+def test_inference_and_postprocess_coordinates_on_a_resized_non_square_image():
+    model = build_model(toy_cfg("MODEL.MF_DETR.TEST_TOPK", 3)).eval()
+    logits = torch.full((1, 4, 4), -10.0)
+    logits[0, 1, 3] = 5.0
+    boxes = torch.tensor([[[0.5, 0.5, 0.1, 0.1], [0.5, 0.5, 0.2, 0.4], [0.1, 0.1, 0.1, 0.1], [0.9, 0.9, 0.1, 0.1]]])
+    (result,) = model.inference(logits, boxes, [(100, 200)])                # input is 100 x 200 (h x w)
+    assert result.pred_classes[0].item() == 3 and len(result) == 3
+    torch.testing.assert_close(result.pred_boxes.tensor[0], torch.tensor([80.0, 30.0, 120.0, 70.0]))
+    resized = detector_postprocess(result, 250, 500)                        # original image 250 x 500
+    torch.testing.assert_close(resized.pred_boxes.tensor[0], torch.tensor([200.0, 75.0, 300.0, 175.0]))
+    assert resized.image_size == (250, 500)
+
+
+def test_score_threshold_drops_low_scores():
+    model = build_model(toy_cfg("MODEL.MF_DETR.TEST_SCORE_THRESH", 0.5)).eval()
+    logits = torch.tensor([[[3.0, -3.0], [-3.0, -3.0]]])
+    model.num_classes = 2
+    (result,) = model.inference(logits, torch.full((1, 2, 4), 0.5), [(10, 10)])
+    assert len(result) == 1 and result.scores[0] > 0.5
+
+
+def image_input(seed, h, w, **extra):
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8), **extra}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_train_losses_for_every_variant(variant):
+    cfg = toy_cfg("MODEL.MOBILEFORMER.VARIANT", variant, "MODEL.MF_DETR.DEC_LAYERS", 2)
+    model = build_model(cfg).train()
+    batch = [image_input(0, 96, 128, instances=make_instances([[10, 10, 40, 50], [60, 20, 120, 90]], [0, 3], (96, 128))),
+             image_input(1, 80, 100, instances=make_instances([], [], (80, 100)))]   # no objects
+    losses = model(batch)
+    expected = {f"loss_{k}{s}" for k in ("class", "bbox", "giou") for s in ("", "_0", "_enc")}
+    assert set(losses) == expected
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+
+
+def test_eval_on_an_image_without_objects_returns_instances():
+    model = build_model(toy_cfg()).eval()
+    with torch.no_grad():
+        (out,) = model([image_input(0, 64, 90, height=128, width=180)])
+    inst = out["instances"]
+    assert inst.image_size == (128, 180)
+    assert len(inst) == 100 and set(inst.get_fields()) == {"pred_boxes", "scores", "pred_classes"}
+    assert (inst.pred_boxes.tensor[:, 2:] <= torch.tensor([180.0, 128.0])).all()
+
+
+def test_padding_does_not_change_detections():
+    """The small image alone (no padding but its own) vs. batched with a larger one (padded)."""
+    torch.manual_seed(0)
+    model = build_model(toy_cfg()).eval()
+    small, large = image_input(0, 96, 128), image_input(1, 160, 224)
+    with torch.no_grad():
+        alone = model([small])[0]["instances"]
+        batched = model([small, large])[0]["instances"]
+    torch.testing.assert_close(batched.scores, alone.scores, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(batched.pred_boxes.tensor, alone.pred_boxes.tensor, atol=1e-2, rtol=1e-3)
+
+
+def test_global_tokens_change_detections_and_receive_gradients():
+    torch.manual_seed(0)
+    model = build_model(toy_cfg()).eval()
+    inputs = [image_input(0, 96, 128)]
+    with torch.no_grad():
+        before = model(inputs)[0]["instances"]
+        model.backbone.tokens.add_(torch.randn_like(model.backbone.tokens))
+        after = model(inputs)[0]["instances"]
+    assert not torch.allclose(before.scores, after.scores, atol=1e-4)
+
+    model.train()
+    batch = [image_input(0, 96, 128, instances=make_instances([[10, 10, 40, 50]], [1], (96, 128)))]
+    sum(model(batch).values()).backward()
+    assert model.backbone.tokens.grad.abs().sum() > 0
+    assert model.token_proj[0].weight.grad.abs().sum() > 0
+    assert model.transformer.decoder[0].token_attn.in_proj_weight.grad.abs().sum() > 0
