@@ -34,6 +34,10 @@ def add_mobileformer_config(cfg):
     cfg.MODEL.MF_DETR.DROPOUT = 0.0
     # Initial reference boxes from the top-scoring map positions (two-stage) instead of learned ones.
     cfg.MODEL.MF_DETR.TWO_STAGE = True
+    # Denoising queries per image during training (about; 0 = off), label flip probability, box noise.
+    cfg.MODEL.MF_DETR.DN_NUMBER = 100
+    cfg.MODEL.MF_DETR.DN_LABEL_NOISE = 0.2
+    cfg.MODEL.MF_DETR.DN_BOX_NOISE = 0.4
     # Let queries attend to Mobile-Former's global tokens (False zeroes them: an ablation switch).
     cfg.MODEL.MF_DETR.USE_TOKENS = True
     # Losses on every decoder layer (and on the two-stage proposals).

@@ -107,7 +107,7 @@ def test_train_losses_for_every_variant(variant):
     batch = [image_input(0, 96, 128, instances=make_instances([[10, 10, 40, 50], [60, 20, 120, 90]], [0, 3], (96, 128))),
              image_input(1, 80, 100, instances=make_instances([], [], (80, 100)))]   # no objects
     losses = model(batch)
-    expected = {f"loss_{k}{s}" for k in ("class", "bbox", "giou") for s in ("", "_0", "_enc")}
+    expected = {f"loss_{k}{s}" for k in ("class", "bbox", "giou") for s in ("", "_0", "_enc", "_dn", "_dn_0")}
     assert set(losses) == expected
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
@@ -151,3 +151,31 @@ def test_global_tokens_change_detections_and_receive_gradients():
     assert model.backbone.tokens.grad.abs().sum() > 0
     assert model.token_proj[0].weight.grad.abs().sum() > 0
     assert model.transformer.decoder[0].token_attn.in_proj_weight.grad.abs().sum() > 0
+
+
+def test_denoising_queries_are_hidden_from_object_queries_and_repair_their_boxes():
+    from mobileformer_det.modeling.detr.denoising import build_denoising_queries
+
+    torch.manual_seed(0)
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
+               {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
+    dn = build_denoising_queries(targets, 4, 6, 0.0, 0.4, num_queries=5, label_embed=torch.nn.Embedding(4, 8))
+    assert dn["num_groups"] == 3 and dn["query"].shape == (2, 6, 8)
+    mask = dn["attn_mask"]
+    assert mask[6:, :6].all() and not mask[6:, 6:].any()              # object queries never see DN queries
+    assert not mask[:2, :2].any() and mask[:2, 2:6].all()             # a group sees only itself
+    assert dn["valid"].tolist() == [[True, True] * 3, [True, False] * 3]
+    noisy, clean = dn["reference"][0, :2], targets[0]["boxes"]
+    assert (noisy[:, :2] - clean[:, :2]).abs().max() <= 0.2 * 0.4 + 1e-6   # centre moved by at most 40% of half size
+    assert not torch.allclose(noisy, clean)
+
+    criterion = SetCriterion(4, HungarianMatcher())
+    logits = torch.full((2, 6, 4), -30.0)
+    for g in range(3):
+        logits[0, 2 * g, 1] = logits[0, 2 * g + 1, 2] = logits[1, 2 * g, 0] = 30.0
+    perfect = torch.cat([targets[0]["boxes"], torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5]])]).repeat(1, 1, 1)
+    boxes = torch.stack([targets[0]["boxes"].repeat(3, 1), perfect[0, 2:].repeat(3, 1)])
+    losses = criterion.denoising_losses([(logits, boxes)], dn, targets)
+    assert losses["loss_bbox_dn"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["loss_giou_dn"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["loss_class_dn"].item() < 1e-6

@@ -46,6 +46,45 @@ class SetCriterion(nn.Module):
         losses = {"loss_class": loss_class, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
         return {k: v * self.weights[k] for k, v in losses.items()}
 
+    def _num_boxes(self, targets, device):
+        num_boxes = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        if comm.get_world_size() > 1:
+            torch.distributed.all_reduce(num_boxes)
+        return (num_boxes / comm.get_world_size()).clamp(min=1.0).item()
+
+    def denoising_losses(self, outputs, denoising, targets):
+        """Losses of the denoising queries: each is compared with the box it was made from.
+
+        Args:
+            outputs: list over decoder layers of ``(logits [N, D, K], boxes [N, D, 4])``.
+            denoising: the dict of ``build_denoising_queries``.
+        Returns:
+            ``loss_{class,bbox,giou}_dn`` (last layer) and ``..._dn_<i>`` (earlier layers).
+        """
+        valid, groups, max_boxes = denoising["valid"], denoising["num_groups"], denoising["max_boxes"]
+        n = len(targets)
+        labels = torch.zeros(n, max_boxes, dtype=torch.int64, device=valid.device)
+        boxes = torch.zeros(n, max_boxes, 4, device=valid.device)
+        for i, t in enumerate(targets):
+            labels[i, : len(t["labels"])], boxes[i, : len(t["labels"])] = t["labels"], t["boxes"]
+        labels, boxes = labels.repeat(1, groups)[valid], boxes.repeat(1, groups, 1)[valid]
+        norm = self._num_boxes(targets, valid.device) * groups
+        losses = {}
+        for i, (logits, pred) in enumerate(outputs):
+            target_classes = torch.zeros_like(logits[valid], dtype=torch.float32)
+            target_classes[torch.arange(len(labels)), labels] = 1.0
+            src = pred[valid].float()
+            layer = {
+                "loss_class": sigmoid_focal_loss(logits[valid].float(), target_classes, self.focal_alpha,
+                                                 self.focal_gamma, reduction="sum") / norm,
+                "loss_bbox": F.l1_loss(src, boxes, reduction="sum") / norm,
+                "loss_giou": (1 - torch.diag(generalized_box_iou(
+                    box_convert(src, "cxcywh", "xyxy"), box_convert(boxes, "cxcywh", "xyxy")))).sum() / norm,
+            }
+            suffix = "_dn" if i == len(outputs) - 1 else f"_dn_{i}"
+            losses.update({k + suffix: v * self.weights[k] for k, v in layer.items()})
+        return losses
+
     def forward(self, outputs, targets, enc_outputs=None):
         """
         Args:
@@ -55,10 +94,7 @@ class SetCriterion(nn.Module):
         Returns:
             dict of scalar losses.
         """
-        num_boxes = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=outputs[-1][0].device)
-        if comm.get_world_size() > 1:
-            torch.distributed.all_reduce(num_boxes)
-        num_boxes = (num_boxes / comm.get_world_size()).clamp(min=1.0).item()
+        num_boxes = self._num_boxes(targets, outputs[-1][0].device)
 
         losses = dict(self._losses(*outputs[-1], targets, num_boxes))
         for i, (logits, boxes) in enumerate(outputs[:-1]):

@@ -8,6 +8,7 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from .criterion import SetCriterion
+from .denoising import build_denoising_queries
 from .matcher import HungarianMatcher
 from ..backbone.layers import valid_mask
 from .position_encoding import sine_embed_mask
@@ -68,7 +69,8 @@ class MFDETR(nn.Module):
     @configurable
     def __init__(self, *, backbone, in_features, num_classes, transformer, criterion, neck, token_proj,
                  token_pos, level_embed, pixel_mean, pixel_std, input_format="RGB", aux_loss=True,
-                 use_tokens=True, test_topk=100, test_score_thresh=0.0):
+                 use_tokens=True, test_topk=100, test_score_thresh=0.0, dn_number=0, dn_label_noise=0.2,
+                 dn_box_noise=0.4):
         super().__init__()
         self.backbone, self.in_features = backbone, list(in_features)
         self.num_classes = num_classes
@@ -76,6 +78,7 @@ class MFDETR(nn.Module):
         self.token_proj, self.token_pos, self.level_embed = token_proj, token_pos, level_embed
         self.input_format, self.aux_loss, self.use_tokens = input_format, aux_loss, use_tokens
         self.test_topk, self.test_score_thresh = test_topk, test_score_thresh
+        self.dn_number, self.dn_label_noise, self.dn_box_noise = dn_number, dn_label_noise, dn_box_noise
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -102,7 +105,7 @@ class MFDETR(nn.Module):
             "transformer": Transformer(
                 c.HIDDEN_DIM, c.DIM_FEEDFORWARD, c.NUM_FEATURE_LEVELS, c.NUM_QUERIES, c.NUM_CLASSES,
                 enc_layers=c.ENC_LAYERS, dec_layers=c.DEC_LAYERS, num_heads=c.NHEADS, num_points=c.NUM_POINTS,
-                dropout=c.DROPOUT, two_stage=c.TWO_STAGE,
+                dropout=c.DROPOUT, two_stage=c.TWO_STAGE, denoising=c.DN_NUMBER > 0,
             ),
             "criterion": SetCriterion(
                 c.NUM_CLASSES, matcher, c.CLASS_WEIGHT, c.BBOX_WEIGHT, c.GIOU_WEIGHT, c.FOCAL_ALPHA, c.FOCAL_GAMMA,
@@ -117,6 +120,9 @@ class MFDETR(nn.Module):
             "use_tokens": c.USE_TOKENS,
             "test_topk": c.TEST_TOPK,
             "test_score_thresh": c.TEST_SCORE_THRESH,
+            "dn_number": c.DN_NUMBER,
+            "dn_label_noise": c.DN_LABEL_NOISE,
+            "dn_box_noise": c.DN_BOX_NOISE,
         }
 
     @property
@@ -168,15 +174,33 @@ class MFDETR(nn.Module):
 
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
-        outputs, enc_outputs = self.transformer(**self.encode(images))
-        if self.training:
-            targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images.image_sizes)
-            return self.criterion(outputs if self.aux_loss else outputs[-1:], targets, enc_outputs)
-        logits, boxes = outputs[-1]
-        results = self.inference(logits, boxes, images.image_sizes)
+        if not self.training:
+            outputs, _ = self.transformer(**self.encode(images))
+            return self.postprocess(outputs[-1], batched_inputs, images.image_sizes)
+
+        targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images.image_sizes)
+        denoising = None
+        if self.dn_number > 0:
+            denoising = build_denoising_queries(
+                targets, self.num_classes, self.dn_number, self.dn_label_noise, self.dn_box_noise,
+                self.transformer.num_queries, self.transformer.label_embed)
+        outputs, enc_outputs = self.transformer(**self.encode(images), denoising=denoising)
+        if not self.aux_loss:
+            outputs = outputs[-1:]
+        num_dn = 0 if denoising is None else denoising["query"].shape[1]
+        losses = self.criterion([(l[:, num_dn:], b[:, num_dn:]) for l, b in outputs], targets, enc_outputs)
+        if denoising is not None:
+            dn_outputs = [(l[:, :num_dn], b[:, :num_dn]) for l, b in outputs]
+            losses.update(self.criterion.denoising_losses(dn_outputs, denoising, targets))
+        return losses
+
+    def postprocess(self, outputs, batched_inputs, image_sizes):
+        """Final-layer ``(logits, boxes)`` -> list of ``{"instances"}`` at each input's height/width."""
+        logits, boxes = outputs
+        results = self.inference(logits, boxes, image_sizes)
         return [
             {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1]))}
-            for r, x, size in zip(results, batched_inputs, images.image_sizes)
+            for r, x, size in zip(results, batched_inputs, image_sizes)
         ]
 
     @staticmethod

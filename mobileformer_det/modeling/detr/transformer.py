@@ -71,18 +71,21 @@ class DecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.ffn = FFN(dim, ffn_dim, dropout)
 
-    def forward(self, query, query_pos, reference, memory, spatial_shapes, padding_mask, tokens, token_pos):
+    def forward(self, query, query_pos, reference, memory, spatial_shapes, padding_mask, tokens, token_pos,
+                self_attn_mask=None):
         """
         Args:
             query, query_pos: ``[N, Q, dim]``.
             reference: ``[N, Q, L, 4]`` boxes (cx, cy, w, h) normalised to each padded level.
             memory: ``[N, S, dim]``; padding_mask ``[N, S]``.
             tokens, token_pos: ``[N, M, dim]``, the projected global tokens and their embeddings.
+            self_attn_mask: optional ``[Q, Q]`` bool, True where a query may not look (denoising groups).
         Returns:
             ``[N, Q, dim]``.
         """
         q = query + query_pos
-        query = self.norms[0](query + self.dropout(self.self_attn(q, q, query, need_weights=False)[0]))
+        out = self.self_attn(q, q, query, attn_mask=self_attn_mask, need_weights=False)[0]
+        query = self.norms[0](query + self.dropout(out))
         out = self.token_attn(query + query_pos, tokens + token_pos, tokens, need_weights=False)[0]
         query = self.norms[1](query + self.dropout(out))
         out = self.cross_attn(query + query_pos, reference, memory, spatial_shapes, padding_mask)
@@ -98,11 +101,13 @@ class Transformer(nn.Module):
         num_queries: object queries. num_classes: foreground classes (sigmoid, no background).
         two_stage: pick the initial reference boxes as the top-scoring map positions (with the
             class and box heads run on every position); else learned reference boxes.
+        denoising: build ``label_embed``, the content of denoising queries (see denoising.py).
     """
 
     def __init__(self, dim, ffn_dim, num_levels, num_queries, num_classes, enc_layers=0, dec_layers=6,
-                 num_heads=8, num_points=4, dropout=0.0, two_stage=True):
+                 num_heads=8, num_points=4, dropout=0.0, two_stage=True, denoising=False):
         super().__init__()
+        self.label_embed = nn.Embedding(num_classes, dim) if denoising else None
         self.num_queries, self.two_stage = num_queries, two_stage
         encoder_layer = EncoderLayer(dim, ffn_dim, num_levels, num_heads, num_points, dropout)
         self.encoder = nn.ModuleList(copy.deepcopy(encoder_layer) for _ in range(enc_layers))
@@ -169,7 +174,7 @@ class Transformer(nn.Module):
         logits = torch.gather(logits, 1, topk[..., None].expand(-1, -1, logits.shape[-1]))
         return boxes.detach().sigmoid(), {"pred_logits": logits, "pred_boxes": boxes.sigmoid()}
 
-    def forward(self, memory, pos, padding_mask, spatial_shapes, valid_ratios, tokens, token_pos):
+    def forward(self, memory, pos, padding_mask, spatial_shapes, valid_ratios, tokens, token_pos, denoising=None):
         """
         Args:
             memory, pos: ``[N, S, dim]`` flattened maps of all levels and their position/level embedding.
@@ -177,8 +182,9 @@ class Transformer(nn.Module):
             spatial_shapes: list of ``(H_l, W_l)``.
             valid_ratios: ``[N, L, 2]`` valid width and height of each level over its padded size.
             tokens, token_pos: ``[N, M, dim]``.
+            denoising: optional dict of ``build_denoising_queries``: its D queries go first.
         Returns:
-            (list over decoder layers of ``(logits [N, Q, K], boxes [N, Q, 4] cxcywh in [0, 1])``,
+            (list over decoder layers of ``(logits [N, D+Q, K], boxes [N, D+Q, 4] cxcywh in [0, 1])``,
             encoder outputs dict or None).
         """
         if len(self.encoder):
@@ -194,13 +200,18 @@ class Transformer(nn.Module):
         else:
             reference = self.reference_boxes.weight.sigmoid()[None].expand(n, -1, -1)
         query = self.query_embed.weight[None, : reference.shape[1]].expand(n, -1, -1)
+        self_attn_mask = None
+        if denoising is not None:
+            query = torch.cat([denoising["query"].to(query.dtype), query], 1)
+            reference = torch.cat([denoising["reference"], reference], 1)
+            self_attn_mask = denoising["attn_mask"]
 
         ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]            # [N, 1, L, 4]
         outputs = []
         for layer, class_head, box_head in zip(self.decoder, self.class_heads, self.box_heads):
             query_pos = self.query_pos_head(sine_embed_coords(reference, query.shape[-1] // 2).to(query.dtype))
             query = layer(query, query_pos, reference[:, :, None] * ratios, memory, spatial_shapes,
-                          padding_mask, tokens, token_pos)
+                          padding_mask, tokens, token_pos, self_attn_mask)
             boxes = (box_head(query) + inverse_sigmoid(reference)).sigmoid()
             outputs.append((class_head(query), boxes))
             reference = boxes.detach()

@@ -1,0 +1,127 @@
+"""Data: the toy generator, the DETR mapper, dataset registration and its errors."""
+import copy
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from PIL import Image
+
+from helpers import toy_cfg
+from mobileformer_det.data import DetrDatasetMapper, check_datasets, ensure_toy_dataset, register_datasets_from_config
+from mobileformer_det.data.toy import CLASSES
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    return ensure_toy_dataset(str(tmp_path_factory.mktemp("toy")))
+
+
+def test_toy_dataset_is_deterministic_and_varied(toy_root, tmp_path):
+    ensure_toy_dataset(str(tmp_path))
+    for split in ("train", "val"):
+        a = json.load(open(os.path.join(toy_root, f"{split}.json")))
+        b = json.load(open(os.path.join(tmp_path, f"{split}.json")))
+        assert a == b
+    assert open(os.path.join(toy_root, "val", "00007.png"), "rb").read() == \
+        open(os.path.join(tmp_path, "val", "00007.png"), "rb").read()
+
+    train = json.load(open(os.path.join(toy_root, "train.json")))
+    per_image = np.bincount([a["image_id"] for a in train["annotations"]], minlength=len(train["images"]) + 1)[1:]
+    sizes = np.array([a["bbox"][2] for a in train["annotations"]])
+    assert (per_image == 0).mean() > 0.03 and per_image.max() >= 4          # empty images and crowded ones
+    assert sizes.min() < 10 and sizes.max() > 50                            # small to large
+    assert {a["category_id"] for a in train["annotations"]} == set(range(1, len(CLASSES) + 1))
+
+
+def test_toy_dataset_is_reused_not_rewritten(toy_root):
+    stamp = os.path.join(toy_root, "train.json")
+    before = os.path.getmtime(stamp)
+    ensure_toy_dataset(toy_root)
+    assert os.path.getmtime(stamp) == before
+
+
+def _dataset_dict(path, annotations, h=128, w=160):
+    return {"file_name": path, "height": h, "width": w, "image_id": 1, "annotations": annotations}
+
+
+def _anno(box, cls=0, crowd=0):
+    from detectron2.structures import BoxMode
+    return {"bbox": box, "bbox_mode": BoxMode.XYWH_ABS, "category_id": cls, "iscrowd": crowd}
+
+
+def test_mapper_drops_crowd_and_keeps_boxes_valid_after_crops(tmp_path):
+    path = str(tmp_path / "img.png")
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (128, 160, 3), dtype=np.uint8)).save(path)
+    annos = [_anno([5, 5, 40, 30]), _anno([60, 40, 90, 80], 2), _anno([0, 0, 160, 128], 1, crowd=1),
+             _anno([150, 120, 10, 8], 3)]
+    mapper = DetrDatasetMapper(toy_cfg("INPUT.DETR_CROP.PROB", 1.0), is_train=True)
+    np.random.seed(0)
+    for _ in range(30):
+        out = mapper(copy.deepcopy(_dataset_dict(path, annos)))
+        inst, (h, w) = out["instances"], out["image"].shape[1:]
+        assert 1 not in inst.gt_classes.tolist()                             # the crowd box is gone
+        boxes = inst.gt_boxes.tensor
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+        assert (boxes >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+        assert min(h, w) >= 96 and out["image"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_mapper_reads_grayscale_rgba_palette_as_rgb(tmp_path, mode):
+    path = str(tmp_path / f"img_{mode}.png")
+    Image.new("RGB", (160, 128), (200, 30, 30)).convert(mode).save(path)
+    out = DetrDatasetMapper(toy_cfg(), is_train=False)(_dataset_dict(path, []))
+    assert out["image"].shape == (3, 128, 160)
+
+
+def test_mapper_skips_unreadable_image_in_training_and_fails_in_test(tmp_path, caplog):
+    bad = str(tmp_path / "broken.jpg")
+    open(bad, "wb").write(b"not an image")
+    with caplog.at_level(logging.WARNING):
+        assert DetrDatasetMapper(toy_cfg(), is_train=True)(_dataset_dict(bad, [])) is None
+    assert "broken.jpg" in caplog.text
+    missing = str(tmp_path / "missing.jpg")
+    with pytest.raises(RuntimeError, match="missing.jpg"):
+        DetrDatasetMapper(toy_cfg(), is_train=False)(_dataset_dict(missing, []))
+
+
+def test_missing_dataset_paths_are_named():
+    name = "mfdet_test_missing"
+    if name not in DatasetCatalog.list():
+        register_coco_instances(name, {}, "/nonexistent/annotations.json", "/nonexistent/images")
+    with pytest.raises(FileNotFoundError, match="/nonexistent/annotations.json.*DETECTRON2_DATASETS"):
+        check_datasets([name])
+    with pytest.raises(KeyError, match="not registered"):
+        check_datasets(["no_such_dataset"])
+
+
+def test_coco_format_datasets_from_config(toy_root):
+    cfg = toy_cfg("DATASETS.TRAIN", ("mine_train",), "DATASETS.TEST", ("mine_val",))
+    cfg.DATASETS.COCO_FORMAT = [["mine_train", os.path.join(toy_root, "train.json"), os.path.join(toy_root, "train")],
+                                ["mine_val", os.path.join(toy_root, "val.json"), os.path.join(toy_root, "val")]]
+    register_datasets_from_config(cfg)
+    assert len(DatasetCatalog.get("mine_val")) == 100
+    assert MetadataCatalog.get("mine_val").thing_classes == CLASSES
+    cfg.DATASETS.COCO_FORMAT = [["only_a_name"]]
+    with pytest.raises(ValueError, match=r"\(name, json_file, image_root\)"):
+        register_datasets_from_config(cfg)
+
+
+def test_annotation_file_without_images_is_a_clear_error(tmp_path):
+    from detectron2.data import get_detection_dataset_dicts
+
+    path = tmp_path / "empty.json"
+    path.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    register_coco_instances("mfdet_test_empty", {}, str(path), str(tmp_path))
+    with pytest.raises(AssertionError, match="mfdet_test_empty' is empty"):
+        get_detection_dataset_dicts(["mfdet_test_empty"])
+
+
+def test_unknown_config_key_is_rejected():
+    with pytest.raises(AssertionError, match="Non-existent key: MODEL.MF_DETR.NUM_QUERYS"):
+        toy_cfg("MODEL.MF_DETR.NUM_QUERYS", 10)

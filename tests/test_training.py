@@ -1,0 +1,146 @@
+"""Training and evaluation through Detectron2: learning, the evaluator, train_net's flags, gloo DDP."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.evaluation import COCOEvaluator
+from detectron2.structures import Boxes, Instances
+
+from helpers import ROOT, toy_cfg
+
+TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
+
+
+def _coco_gt(tmp_path):
+    """Two 100x100 images: a 20x20 box of class 1 in one, a 30x40 box of class 2 and one of class 1 in the other."""
+    gt = {
+        "images": [{"id": 1, "file_name": "a.png", "height": 100, "width": 100},
+                   {"id": 2, "file_name": "b.png", "height": 100, "width": 100}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 0},
+            {"id": 2, "image_id": 2, "category_id": 2, "bbox": [50, 40, 30, 40], "area": 1200, "iscrowd": 0},
+            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [5, 60, 20, 30], "area": 600, "iscrowd": 0},
+        ],
+        "categories": [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}],
+    }
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    return gt, str(path)
+
+
+def _evaluate(tmp_path, name, predictions):
+    evaluator = COCOEvaluator(name, output_dir=str(tmp_path / name))
+    evaluator.reset()
+    for image_id, boxes_xywh, classes in predictions:
+        inst = Instances((100, 100))
+        b = torch.tensor(boxes_xywh, dtype=torch.float32).reshape(-1, 4)
+        inst.pred_boxes = Boxes(torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], 1))
+        inst.scores = torch.linspace(0.9, 0.8, len(b))
+        inst.pred_classes = torch.tensor(classes)
+        evaluator.process([{"image_id": image_id}], [{"instances": inst}])
+    return evaluator.evaluate()["bbox"]
+
+
+def test_coco_evaluator_on_hand_made_predictions(tmp_path):
+    gt, path = _coco_gt(tmp_path)
+    for name in ("perfect", "shifted", "wrong_class"):
+        register_coco_instances(f"mfdet_eval_{name}", {}, path, str(tmp_path))
+    perfect = [(1, [[10, 10, 20, 20]], [0]), (2, [[50, 40, 30, 40], [5, 60, 20, 30]], [1, 0])]
+    assert _evaluate(tmp_path, "mfdet_eval_perfect", perfect)["AP"] == pytest.approx(100.0)
+    # every box shifted by a third of its width: IoU 0.5 (class 1, image 1) and lower
+    shifted = [(1, [[15, 10, 20, 20]], [0]), (2, [[60, 40, 30, 40], [5, 60, 20, 30]], [1, 0])]
+    result = _evaluate(tmp_path, "mfdet_eval_shifted", shifted)
+    assert 0 < result["AP"] < 100 and result["AP50"] == pytest.approx(100.0)
+    wrong = [(1, [[10, 10, 20, 20]], [1]), (2, [[50, 40, 30, 40], [5, 60, 20, 30]], [0, 1])]
+    assert _evaluate(tmp_path, "mfdet_eval_wrong_class", wrong)["AP"] == pytest.approx(0.0)
+
+
+def _run(args, cwd, timeout=900):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, TRAIN_NET, *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_overfits_a_handful_of_toy_images(tmp_path):
+    """Eight toy images, trained on and evaluated on: the whole detector must learn them."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import load_coco_json
+
+    from mobileformer_det.data import ensure_toy_dataset
+    from mobileformer_det.engine import Trainer
+
+    root = ensure_toy_dataset(os.path.join(ROOT, "datasets", "toy_coco"))
+    subset = [d for d in load_coco_json(os.path.join(root, "val.json"), os.path.join(root, "val"), "toy_coco_val")
+              if d["annotations"]][:8]
+    DatasetCatalog.register("mfdet_toy_subset", lambda: subset)
+    MetadataCatalog.get("mfdet_toy_subset").set(
+        json_file=os.path.join(root, "val.json"), image_root=os.path.join(root, "val"), evaluator_type="coco",
+        thing_classes=MetadataCatalog.get("toy_coco_val").thing_classes if "toy_coco_val" in MetadataCatalog.list()
+        else ["square", "disk", "triangle", "cross"],
+        thing_dataset_id_to_contiguous_id={1: 0, 2: 1, 3: 2, 4: 3})
+    cfg = toy_cfg("DATASETS.TRAIN", ("mfdet_toy_subset",), "DATASETS.TEST", ("mfdet_toy_subset",),
+                  "SOLVER.MAX_ITER", 300, "SOLVER.STEPS", (250,), "SOLVER.IMS_PER_BATCH", 8,
+                  "SOLVER.WARMUP_ITERS", 20, "INPUT.DETR_CROP.ENABLED", False, "INPUT.MIN_SIZE_TRAIN", (128,),
+                  "TEST.EVAL_PERIOD", 0, "SOLVER.CHECKPOINT_PERIOD", 100000, "DATALOADER.NUM_WORKERS", 0,
+                  "OUTPUT_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    trainer = Trainer(cfg)
+    trainer.train()
+    evaluator = COCOEvaluator("mfdet_toy_subset", output_dir=str(tmp_path), allow_cached_coco=False)
+    # only the 8 images: evaluate with image ids restricted through the subset's own dicts
+    result = Trainer.test(cfg, trainer.model, evaluators=[evaluator])["bbox"]
+    assert result["AP50"] > 80, result
+
+
+@pytest.mark.slow
+def test_train_resume_and_eval_only(tmp_path):
+    common = ["--config-file", os.path.join(ROOT, "configs", "mf_detr_toy.yaml"),
+              "DATASETS.TOY_ROOT", os.path.join(ROOT, "datasets", "toy_coco"), "OUTPUT_DIR", str(tmp_path),
+              "SOLVER.IMS_PER_BATCH", 2, "SOLVER.CHECKPOINT_PERIOD", 4, "TEST.EVAL_PERIOD", 0,
+              "DATALOADER.NUM_WORKERS", 0]
+    _run(common + ["SOLVER.MAX_ITER", 4], ROOT)
+    assert open(tmp_path / "last_checkpoint").read() == "model_final.pth"
+    first = torch.load(tmp_path / "model_final.pth", weights_only=False)
+    assert first["iteration"] == 3 and first["mobileformer_variant"] == "mf52"
+    assert {"optimizer", "scheduler"} <= set(first)
+
+    log = _run(common + ["SOLVER.MAX_ITER", 8, "--resume"], ROOT)
+    assert "Resuming from iteration 4" in log or "Starting training from iteration 4" in log
+    second = torch.load(tmp_path / "model_final.pth", weights_only=False)
+    assert second["iteration"] == 7
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.json")]
+    assert max(m["iteration"] for m in metrics if "iteration" in m) == 7
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+    log = _run(common + ["--eval-only", "MODEL.WEIGHTS", str(tmp_path / "model_final.pth")], ROOT)
+    assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
+
+    wrong = _run_fail(common + ["--eval-only", "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
+                                "MODEL.MOBILEFORMER.VARIANT", "mf26"])
+    assert "made for Mobile-Former mf52" in wrong
+
+
+def _run_fail(args):
+    result = subprocess.run([sys.executable, TRAIN_NET, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_stay_in_sync(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+    result = subprocess.run([sys.executable, script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.load(open(tmp_path / "report.json"))
+    assert report["world_size"] == 2
+    assert report["checksums"][0] == report["checksums"][1]          # same weights after the steps
+    assert report["num_boxes"] == [2.0, 2.0]                         # (1 + 3) / 2 on both ranks
