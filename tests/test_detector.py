@@ -179,3 +179,16 @@ def test_denoising_queries_are_hidden_from_object_queries_and_repair_their_boxes
     assert losses["loss_bbox_dn"].item() == pytest.approx(0.0, abs=1e-6)
     assert losses["loss_giou_dn"].item() == pytest.approx(0.0, abs=1e-6)
     assert losses["loss_class_dn"].item() < 1e-6
+
+
+def test_a_batch_without_boxes_logs_the_same_losses():
+    """Every worker must report the same loss names, and every parameter must take part (DDP)."""
+    torch.manual_seed(0)
+    model = build_model(toy_cfg("MODEL.MF_DETR.DEC_LAYERS", 2)).train()
+    with_boxes = model([image_input(0, 64, 64, instances=make_instances([[5, 5, 30, 30]], [1], (64, 64)))])
+    empty = model([image_input(1, 64, 64, instances=make_instances([], [], (64, 64)))])
+    assert set(empty) == set(with_boxes)
+    assert all(torch.isfinite(v) for v in empty.values())
+    sum(empty.values()).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import tqdm
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import _apply_exif_orientation
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
@@ -113,6 +113,8 @@ def main(argv=None):
     empty_cfg.MODEL.WEIGHTS = ""
     predictor = DefaultPredictor(empty_cfg)
     MobileFormerCheckpointer(predictor.model, variant=cfg.MODEL.MOBILEFORMER.VARIANT).load(cfg.MODEL.WEIGHTS)
+    if "thing_classes" not in metadata.as_dict() and metadata.name in DatasetCatalog.list():
+        DatasetCatalog.get(metadata.name)  # a COCO-format dataset sets its class names when loaded
     class_names = metadata.get("thing_classes", [])
 
     paths = expand_inputs(args.input)

@@ -123,4 +123,5 @@ def register_toy_dataset(root):
     for name, (split, _, _) in SPLITS.items():
         if name in DatasetCatalog.list():
             continue
-        register_coco_instances(name, {}, os.path.join(root, f"{split}.json"), os.path.join(root, split))
+        register_coco_instances(name, {"thing_classes": list(CLASSES)}, os.path.join(root, f"{split}.json"),
+                                os.path.join(root, split))

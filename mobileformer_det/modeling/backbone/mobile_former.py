@@ -182,6 +182,8 @@ class MobileFormer(Backbone):
             (dict of every stage map that ``self._out_features`` asks for, final map ``[N, C, H/32, W/32]``,
             tokens ``[N, M, d]`` after the final Mobile->Former).
         """
+        if image_sizes is not None and bool((image_sizes == torch.tensor(x.shape[-2:], device=x.device)).all()):
+            image_sizes = None  # nothing padded: skip the masks (and masked attention's slower kernel)
         outputs = {}
         x = F.relu6(self.stem(x))
         tokens = self.tokens.unsqueeze(0).expand(x.shape[0], -1, -1)

@@ -139,15 +139,16 @@ class MFDETR(nn.Module):
 
         Args:
             images: an ``ImageList``.
-        Returns a dict: ``memory``/``pos`` ``[N, S, dim]``, ``padding_mask`` ``[N, S]`` (True on
+        Returns a dict: ``memory`` ``[N, S, dim]`` (with the level embedding), ``pos`` ``[N, S, dim]``
+        (sine position encoding; None without an encoder), ``padding_mask`` ``[N, S]`` (True on
         padding), ``spatial_shapes`` list of (H_l, W_l), ``valid_ratios`` ``[N, L, 2]``,
         ``tokens``/``token_pos`` ``[N, M, dim]``.
         """
-        sizes = torch.tensor(images.image_sizes, device=self.device)
+        sizes = torch.tensor([[int(h), int(w)] for h, w in images.image_sizes], device=self.device)
         features = self.backbone(images.tensor, sizes)
         tokens = self.token_proj(features["tokens"])
         if not self.use_tokens:
-            tokens = torch.zeros_like(tokens)
+            tokens = tokens * 0.0  # not zeros_like: the projection stays in the graph, as DDP requires
         strides = [self.backbone.output_shape()[f].stride for f in self.in_features]
         last = strides[-1]
         maps = self.neck([features[f] for f in self.in_features],
@@ -161,13 +162,16 @@ class MFDETR(nn.Module):
             valid_h = (~m[:, :, 0]).sum(1).float() / h
             valid_w = (~m[:, 0, :]).sum(1).float() / w
             ratios.append(torch.stack([valid_w, valid_h], -1))
-            memory.append(x.flatten(2).transpose(1, 2))
-            p = sine_embed_mask(m, x.shape[1] // 2).to(x.dtype).flatten(2).transpose(1, 2)
-            pos.append(p + self.level_embed[lvl].to(x.dtype))
+            # The level embedding is added to the features themselves: the decoder and the proposal
+            # heads read them without positions (deformable attention samples each level apart).
+            memory.append(x.flatten(2).transpose(1, 2) + self.level_embed[lvl].to(x.dtype))
+            if self.transformer.encoder:  # only the encoder uses positions on the map
+                pos.append(sine_embed_mask(m, x.shape[1] // 2).to(x.dtype).flatten(2).transpose(1, 2))
             masks.append(m.flatten(1))
         n = images.tensor.shape[0]
         return {
-            "memory": torch.cat(memory, 1), "pos": torch.cat(pos, 1), "padding_mask": torch.cat(masks, 1),
+            "memory": torch.cat(memory, 1), "pos": torch.cat(pos, 1) if pos else None,
+            "padding_mask": torch.cat(masks, 1),
             "spatial_shapes": shapes, "valid_ratios": torch.stack(ratios, 1),
             "tokens": tokens, "token_pos": self.token_pos.weight[None].expand(n, -1, -1).to(tokens.dtype),
         }
@@ -192,6 +196,13 @@ class MFDETR(nn.Module):
         if denoising is not None:
             dn_outputs = [(l[:, :num_dn], b[:, :num_dn]) for l, b in outputs]
             losses.update(self.criterion.denoising_losses(dn_outputs, denoising, targets))
+        elif self.dn_number > 0:
+            # No box in this batch: the same keys (every worker must log the same ones) at zero,
+            # with the label embedding kept in the graph for DistributedDataParallel.
+            zero = self.transformer.label_embed.weight.sum() * 0.0
+            keys = [k for k in losses if not k.endswith("_enc")]
+            losses.update({k.replace("loss_class", "loss_class_dn").replace("loss_bbox", "loss_bbox_dn")
+                           .replace("loss_giou", "loss_giou_dn"): zero for k in keys})
         return losses
 
     def postprocess(self, outputs, batched_inputs, image_sizes):

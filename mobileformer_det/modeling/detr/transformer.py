@@ -177,7 +177,8 @@ class Transformer(nn.Module):
     def forward(self, memory, pos, padding_mask, spatial_shapes, valid_ratios, tokens, token_pos, denoising=None):
         """
         Args:
-            memory, pos: ``[N, S, dim]`` flattened maps of all levels and their position/level embedding.
+            memory: ``[N, S, dim]`` flattened maps of all levels; pos: their position encoding
+                (used by the encoder only).
             padding_mask: ``[N, S]`` bool, True on padding.
             spatial_shapes: list of ``(H_l, W_l)``.
             valid_ratios: ``[N, L, 2]`` valid width and height of each level over its padded size.

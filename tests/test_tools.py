@@ -1,0 +1,97 @@
+"""The command-line tools: demo, analyze_model, benchmark (smoke runs)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from detectron2.engine import DefaultPredictor
+from PIL import Image
+
+from helpers import ROOT, toy_cfg
+from mobileformer_det.checkpoint import MobileFormerCheckpointer
+
+TOY_CONFIG = os.path.join(ROOT, "configs", "mf_detr_toy.yaml")
+
+
+def _tool(name, *args, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def toy_weights(tmp_path_factory):
+    """A randomly initialised toy detector, saved as a checkpoint (the demo only needs some weights)."""
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("weights")
+    model = build_model(toy_cfg())
+    MobileFormerCheckpointer(model, str(out), variant="mf52").save("model")
+    return str(out / "model.pth")
+
+
+def test_demo_on_awkward_images(tmp_path, toy_weights):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.RandomState(0)
+    Image.fromarray(rng.randint(0, 255, (120, 150), dtype=np.uint8), "L").save(folder / "gray.png")
+    Image.fromarray(rng.randint(0, 255, (100, 90, 4), dtype=np.uint8), "RGBA").save(folder / "rgba.png")
+    Image.fromarray(rng.randint(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / "tiny.jpg")
+    Image.fromarray(rng.randint(0, 255, (3000, 4000, 3), dtype=np.uint8)).save(folder / "large.jpg", quality=50)
+    Image.fromarray(rng.randint(0, 65535, (64, 80), dtype=np.uint16)).save(folder / "deep16.png")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = tmp_path / "out"
+    result = _tool("demo.py", "--config-file", TOY_CONFIG, "--input", folder, "--output", out,
+                   "--confidence-threshold", 0.0, "--opts", "MODEL.WEIGHTS", toy_weights, "DATASETS.TOY_ROOT",
+                   os.path.join(ROOT, "datasets", "toy_coco"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr  # Detectron2's logger writes to stdout
+    assert "cannot read" in log and "corrupt.jpg" in log and "skipped" in log
+    good = ["deep16", "gray", "large", "rgba", "tiny"]
+    assert sorted(f for f in os.listdir(out)) == sorted([g + ".png" for g in good] + [g + ".json" for g in good])
+    large = json.load(open(out / "large.json"))
+    assert (large["height"], large["width"]) == (3000, 4000)
+    assert Image.open(out / "large.png").size == (4000, 3000)
+
+    # the JSON holds exactly what the model detects at that threshold, in the input's pixels
+    cfg = toy_cfg("MODEL.WEIGHTS", toy_weights)
+    predictor = DefaultPredictor(cfg)
+    rgb = np.asarray(Image.open(folder / "gray.png").convert("RGB"))
+    expected = predictor(rgb[:, :, ::-1])["instances"]
+    detections = json.load(open(out / "gray.json"))["detections"]
+    assert len(detections) == len(expected) > 0
+    first = expected.pred_boxes.tensor[0].tolist()
+    assert detections[0]["bbox"] == pytest.approx([first[0], first[1], first[2] - first[0], first[3] - first[1]], abs=1e-3)
+    assert detections[0]["score"] == pytest.approx(expected.scores[0].item(), abs=1e-5)
+    assert detections[0]["category"] in ("square", "disk", "triangle", "cross")
+
+
+def test_demo_fails_when_nothing_is_readable(tmp_path, toy_weights):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nothing")
+    result = _tool("demo.py", "--config-file", TOY_CONFIG, "--input", bad, "--output", tmp_path / "out",
+                   "--opts", "MODEL.WEIGHTS", toy_weights, "DATASETS.TOY_ROOT", os.path.join(ROOT, "datasets", "toy_coco"))
+    assert result.returncode == 1 and "bad.png" in result.stdout + result.stderr
+    missing = _tool("demo.py", "--config-file", TOY_CONFIG, "--input", bad, "--output", tmp_path / "out",
+                    "--opts", "MODEL.WEIGHTS", tmp_path / "none.pth")
+    assert missing.returncode == 2 and "does not exist" in missing.stdout + missing.stderr
+
+
+def test_analyze_model_smoke():
+    result = _tool("analyze_model.py", "--config-file", TOY_CONFIG, "--tasks", "flop", "parameter", "structure")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| backbone" in result.stdout and "| total" in result.stdout and "MFDETR(" in result.stdout
+
+
+@pytest.mark.parametrize("task", ["eval", "train", "data"])
+def test_benchmark_smoke(task):
+    result = _tool("benchmark.py", "--config-file", TOY_CONFIG, "--task", task, "--runs", 1, "--warmup", 0,
+                   "--batch-sizes", 1, "--train-batch", 2, "--input-size", 64, 96,
+                   "DATASETS.TOY_ROOT", os.path.join(ROOT, "datasets", "toy_coco"), "SOLVER.IMS_PER_BATCH", 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "device: cpu" in result.stdout
+    if task == "eval":
+        assert "ratio (MF-DETR / torchvision)" in result.stdout
