@@ -45,8 +45,6 @@ def main(args):
         MobileFormerCheckpointer(model, save_dir=cfg.OUTPUT_DIR, variant=cfg.MODEL.MOBILEFORMER.VARIANT).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
-        if cfg.TEST.AUG.ENABLED:
-            raise NotImplementedError("test-time augmentation is not implemented for MF-DETR")
         verify_results(cfg, results)
         return results
     trainer = Trainer(cfg)
