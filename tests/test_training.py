@@ -139,3 +139,29 @@ def test_two_gloo_processes_stay_in_sync(tmp_path):
     assert report["world_size"] == 2
     assert report["checksums"][0] == report["checksums"][1]          # same weights after the steps
     assert report["num_boxes"] == [2.0, 2.0]                         # (1 + 3) / 2 on both ranks
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A save that dies half-way (a kill, a full disk) leaves the last good checkpoint and its tag intact."""
+    from mobileformer_det.checkpoint import MobileFormerCheckpointer
+
+    model = torch.nn.Linear(3, 2)
+    checkpointer = MobileFormerCheckpointer(model, str(tmp_path), variant="mf52")
+    checkpointer.save("model_0000009")
+    good = (tmp_path / "model_0000009.pth").read_bytes()
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError):
+        checkpointer.save("model_0000009")
+    with pytest.raises(OSError):
+        checkpointer.save("model_0000019")
+    assert (tmp_path / "model_0000009.pth").read_bytes() == good
+    assert not (tmp_path / "model_0000019.pth").exists()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000009.pth"]
+    monkeypatch.undo()
+    assert checkpointer.has_checkpoint() and checkpointer.get_checkpoint_file().endswith("model_0000009.pth")
