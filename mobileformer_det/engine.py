@@ -8,6 +8,7 @@ import torch
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator
+from detectron2.layers.batch_norm import LayerNorm as ChannelsFirstLayerNorm
 from detectron2.utils import comm
 from torch import nn
 
@@ -16,7 +17,8 @@ from .data import DetrDatasetMapper
 
 __all__ = ["Trainer", "build_optimizer"]
 
-_NO_DECAY_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
+# Detectron2's channels-first LayerNorm (the neck's) is not an nn.LayerNorm.
+_NO_DECAY_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, ChannelsFirstLayerNorm, nn.Embedding)
 _NO_DECAY_NAMES = ("tokens", "level_embed")
 
 

@@ -165,3 +165,28 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000009.pth"]
     monkeypatch.undo()
     assert checkpointer.has_checkpoint() and checkpointer.get_checkpoint_file().endswith("model_0000009.pth")
+
+
+def test_optimizer_groups_backbone_multiplier_and_no_decay_on_norms():
+    from detectron2.modeling import build_model
+
+    from mobileformer_det.engine import build_optimizer
+
+    cfg = toy_cfg("SOLVER.BASE_LR", 1e-3, "SOLVER.BACKBONE_MULTIPLIER", 0.1, "SOLVER.WEIGHT_DECAY", 1e-4)
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert len(group_of) == len(params)
+
+    def group(name):
+        return group_of[id(params[name])]
+
+    assert group("backbone.blocks.2.pw1.weight")["lr"] == pytest.approx(1e-4)
+    assert group("backbone.blocks.2.pw1.weight")["weight_decay"] == 1e-4
+    assert group("transformer.decoder.0.ffn.fc1.weight")["lr"] == pytest.approx(1e-3)
+    assert group("transformer.decoder.0.ffn.fc1.weight")["weight_decay"] == 1e-4
+    for name in ("backbone.tokens", "backbone.blocks.2.pw1.norm.weight", "backbone.blocks.2.former.norm1.weight",
+                 "neck.lateral.0.1.weight", "level_embed", "token_pos.weight", "transformer.query_embed.weight",
+                 "transformer.decoder.0.ffn.fc1.bias"):
+        assert group(name)["weight_decay"] == 0.0, name
