@@ -125,3 +125,119 @@ def test_annotation_file_without_images_is_a_clear_error(tmp_path):
 def test_unknown_config_key_is_rejected():
     with pytest.raises(AssertionError, match="Non-existent key: MODEL.MF_DETR.NUM_QUERYS"):
         toy_cfg("MODEL.MF_DETR.NUM_QUERYS", 10)
+
+
+def _json_with_segmentations(tmp_path, segmentations, categories=("a", "b", "c")):
+    """One 100x80 image, one box per given segmentation."""
+    anns = [{"id": i + 1, "image_id": 1, "category_id": 1 + i % len(categories), "bbox": [10 + 5 * i, 10, 20, 15],
+             "area": 300.0, "iscrowd": 0, "segmentation": seg} for i, seg in enumerate(segmentations)]
+    data = {"images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 80}], "annotations": anns,
+            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(categories)]}
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_boxes_are_loaded_whatever_the_segmentation_holds(tmp_path):
+    from detectron2.data.datasets import load_coco_json
+
+    from mobileformer_det.data import load_coco_boxes
+
+    dict_polygon = [[{"x": 10, "y": 10}, {"x": 30, "y": 10}, {"x": 30, "y": 25}]]   # another tool's polygons
+    segmentations = [dict_polygon, dict_polygon, [], [[]], [[10, 10, 30, 10, 30, 25]]]
+    path = _json_with_segmentations(tmp_path, segmentations)
+    (ours,) = load_coco_boxes(path, str(tmp_path), "mfdet_test_seg_boxes")
+    assert [a["bbox"][0] for a in ours["annotations"]] == [10, 15, 20, 25, 30]
+    assert all(set(a) == {"bbox", "bbox_mode", "category_id", "iscrowd"} for a in ours["annotations"])
+    assert MetadataCatalog.get("mfdet_test_seg_boxes").thing_classes == ["a", "b", "c"]
+    (theirs,) = load_coco_json(path, str(tmp_path))          # what Detectron2's loader would have trained on
+    assert len(theirs["annotations"]) == 2
+
+    cfg = toy_cfg("DATASETS.TRAIN", ("mfdet_seg_train",), "DATASETS.TEST", ())
+    cfg.DATASETS.COCO_FORMAT = [["mfdet_seg_train", path, str(tmp_path)]]
+    register_datasets_from_config(cfg)
+    assert len(DatasetCatalog.get("mfdet_seg_train")[0]["annotations"]) == 5
+
+
+def test_unknown_category_id_is_named(tmp_path):
+    from mobileformer_det.data import load_coco_boxes
+
+    path = _json_with_segmentations(tmp_path, [[]])
+    data = json.load(open(path))
+    data["annotations"][0]["category_id"] = 42
+    open(path, "w").write(json.dumps(data))
+    with pytest.raises(ValueError, match="category_id 42"):
+        load_coco_boxes(path, str(tmp_path))
+
+
+def _trainer_must_stop_before_the_model(monkeypatch, cfg, match):
+    from mobileformer_det.engine import Trainer
+
+    def no_model(cfg):
+        raise AssertionError("the model was built before the data was checked")
+
+    monkeypatch.setattr(Trainer, "build_model", classmethod(lambda cls, cfg: no_model(cfg)))
+    with pytest.raises(ValueError, match=match):
+        Trainer(cfg)
+
+
+def test_a_training_set_without_boxes_stops_before_the_model(tmp_path, monkeypatch):
+    path = tmp_path / "crowd_only.json"
+    Image.new("RGB", (100, 80)).save(tmp_path / "a.png")
+    path.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 80}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 50, 50], "area": 2500, "iscrowd": 1}],
+        "categories": [{"id": 1, "name": "a"}]}))
+    cfg = toy_cfg("DATASETS.TRAIN", ("mfdet_crowd_only",), "DATASETS.TEST", (), "OUTPUT_DIR", str(tmp_path))
+    cfg.DATASETS.COCO_FORMAT = [["mfdet_crowd_only", str(path), str(tmp_path)]]
+    register_datasets_from_config(cfg)
+    _trainer_must_stop_before_the_model(monkeypatch, cfg, r"holds no box to learn from")
+
+
+def test_class_count_against_the_data(tmp_path, monkeypatch, caplog):
+    from mobileformer_det.data import check_num_classes
+
+    Image.new("RGB", (100, 80)).save(tmp_path / "a.png")
+    path = _json_with_segmentations(tmp_path, [[], [], []])
+    cfg = toy_cfg("DATASETS.TRAIN", ("mfdet_three",), "DATASETS.TEST", (), "MODEL.MF_DETR.NUM_CLASSES", 2,
+                  "OUTPUT_DIR", str(tmp_path))
+    cfg.DATASETS.COCO_FORMAT = [["mfdet_three", path, str(tmp_path)]]
+    register_datasets_from_config(cfg)
+    _trainer_must_stop_before_the_model(
+        monkeypatch, cfg, r"MODEL.MF_DETR.NUM_CLASSES is 2, but dataset 'mfdet_three' has 3 categories.*NUM_CLASSES 3")
+
+    with caplog.at_level(logging.WARNING):
+        check_num_classes(5, "mfdet_three")
+    assert "NUM_CLASSES is 5 but dataset 'mfdet_three' has only 3 categories" in caplog.text
+
+    bg_path = tmp_path / "bg.json"
+    data = json.load(open(path))
+    data["categories"].insert(0, {"id": 0, "name": "background"})
+    bg_path.write_text(json.dumps(data))
+    register_coco_instances("mfdet_with_background", {}, str(bg_path), str(tmp_path))
+    DatasetCatalog.get("mfdet_with_background")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        check_num_classes(4, "mfdet_with_background")
+    assert "category named 'background'" in caplog.text and "NUM_CLASSES 3" in caplog.text
+
+
+def test_mapper_crops_polygon_annotations_as_boxes(tmp_path):
+    """The COCO recipe's crop on polygons and crowd RLE: boxes only, none lost to its polygon."""
+    from helpers import make_coco_like
+    from mobileformer_det.data import load_coco_boxes
+    from detectron2.data.datasets import load_coco_json
+
+    json_path, image_dir = make_coco_like(str(tmp_path), "train", 6, seed=1)
+    cfg = toy_cfg("INPUT.DETR_CROP.ENABLED", True, "INPUT.DETR_CROP.PROB", 1.0, "INPUT.DETR_CROP.RESIZE_SHORT", (400, 500, 600),
+                  "INPUT.DETR_CROP.SIZE", (384, 600), "INPUT.MIN_SIZE_TRAIN", (160,), "INPUT.MAX_SIZE_TRAIN", 256)
+    mapper = DetrDatasetMapper(cfg, is_train=True)
+    np.random.seed(0)
+    for loader in (load_coco_json, load_coco_boxes):     # Detectron2's records keep the polygons
+        for record in loader(json_path, image_dir):
+            out = mapper(copy.deepcopy(record))
+            inst = out["instances"]
+            assert not inst.has("gt_masks")
+            boxes = inst.gt_boxes.tensor
+            assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+            assert len(inst) <= sum(1 for a in record["annotations"] if not a["iscrowd"])

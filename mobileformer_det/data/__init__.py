@@ -1,3 +1,11 @@
-from .datasets import check_datasets, register_datasets_from_config
+from .datasets import (
+    check_datasets,
+    check_num_classes,
+    check_training_boxes,
+    load_coco_boxes,
+    register_coco_boxes,
+    register_datasets_from_config,
+    register_toy_dataset,
+)
 from .mapper import DetrDatasetMapper
-from .toy import ensure_toy_dataset, register_toy_dataset
+from .toy import ensure_toy_dataset

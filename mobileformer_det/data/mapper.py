@@ -18,7 +18,10 @@ class DetrDatasetMapper:
     Training: random horizontal flip, then with probability ``crop_prob`` a resize of the shorter
     side to one of ``crop_resize`` and a random crop of ``crop_size`` (absolute range), then a
     resize of the shorter side to one of ``min_size_train`` (longer side at most ``max_size``).
-    Crowd boxes are dropped; boxes are clipped to the crop and empty ones removed.
+    Crowd boxes are dropped; boxes are clipped to the crop and empty ones removed. Segmentations
+    and keypoints are dropped unless ``MODEL.MASK_ON`` / ``MODEL.KEYPOINT_ON`` (as Detectron2's
+    ``DatasetMapper`` does): a box detector must not clip polygons, nor lose a box because its
+    polygon left the crop.
     Test: the shorter side resized to ``min_size_test``.
 
     An image that cannot be read makes the mapper return None after a warning naming the file:
@@ -28,6 +31,7 @@ class DetrDatasetMapper:
     def __init__(self, cfg, is_train=True):
         self.is_train = is_train
         self.image_format = cfg.INPUT.FORMAT
+        self.use_instance_mask, self.use_keypoint = cfg.MODEL.MASK_ON, cfg.MODEL.KEYPOINT_ON
         if is_train:
             resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, "choice")
             self.augmentations = [T.RandomFlip(), resize]
@@ -62,10 +66,15 @@ class DetrDatasetMapper:
         if not self.is_train:
             dataset_dict.pop("annotations", None)
             return dataset_dict
-        annos = [
-            utils.transform_instance_annotations(obj, transforms, image.shape[:2])
-            for obj in dataset_dict.pop("annotations", []) if obj.get("iscrowd", 0) == 0
-        ]
+        annos = []
+        for obj in dataset_dict.pop("annotations", []):
+            if obj.get("iscrowd", 0):
+                continue
+            if not self.use_instance_mask:
+                obj.pop("segmentation", None)
+            if not self.use_keypoint:
+                obj.pop("keypoints", None)
+            annos.append(utils.transform_instance_annotations(obj, transforms, image.shape[:2]))
         instances = utils.annotations_to_instances(annos, image.shape[:2])
         dataset_dict["instances"] = utils.filter_empty_instances(instances)
         return dataset_dict

@@ -8,7 +8,6 @@ import json
 import os
 
 import numpy as np
-from detectron2.data.datasets import register_coco_instances
 from PIL import Image, ImageDraw, ImageFilter
 
 VERSION = 1
@@ -114,14 +113,3 @@ def ensure_toy_dataset(root):
     os.replace(tmp, stamp)
     return root
 
-
-def register_toy_dataset(root):
-    """Generate (if needed) and register ``toy_coco_train`` and ``toy_coco_val`` with Detectron2."""
-    from detectron2.data import DatasetCatalog
-
-    ensure_toy_dataset(root)
-    for name, (split, _, _) in SPLITS.items():
-        if name in DatasetCatalog.list():
-            continue
-        register_coco_instances(name, {"thing_classes": list(CLASSES)}, os.path.join(root, f"{split}.json"),
-                                os.path.join(root, split))
