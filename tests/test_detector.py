@@ -1,5 +1,7 @@
 """MF-DETR: matching, losses, pre/post-processing, padding, the role of the global tokens."""
 import itertools
+import os
+import sys
 
 import pytest
 import torch
@@ -27,7 +29,7 @@ def test_matcher_is_optimal_against_brute_force(seed):
                        torch.rand(1, num_queries, 2, generator=g) * 0.3 + 0.05], -1)
     target = random_targets(g, num_boxes, num_classes)
     matcher = HungarianMatcher(2.0, 5.0, 2.0)
-    (rows, cols), = matcher(logits, boxes, [target])
+    ((rows, cols),), = matcher([(logits, boxes)], [target])
 
     xyxy = lambda b: box_convert(b, "cxcywh", "xyxy")  # noqa: E731
     cost = (2.0 * focal_class_cost(logits[0], target["labels"]) + 5.0 * torch.cdist(boxes[0], target["boxes"], p=1)
@@ -35,6 +37,20 @@ def test_matcher_is_optimal_against_brute_force(seed):
     best = min(sum(cost[q, t] for t, q in enumerate(perm)) for perm in itertools.permutations(range(num_queries), num_boxes))
     assert len(rows) == num_boxes and sorted(cols.tolist()) == list(range(num_boxes))
     assert cost[rows, cols].sum().item() == pytest.approx(best.item(), abs=1e-4)
+
+
+def test_matching_several_sets_at_once_equals_matching_each_alone():
+    """All decoder layers and images share one host transfer; the assignments must not change."""
+    g = torch.Generator().manual_seed(0)
+    targets = [random_targets(g, 3, 4), random_targets(g, 0, 4), random_targets(g, 7, 4)]
+    sets = [(torch.randn(3, q, 4, generator=g), torch.rand(3, q, 4, generator=g) * 0.5 + 0.2) for q in (10, 10, 6)]
+    matcher = HungarianMatcher()
+    together = matcher(sets, targets)
+    for s, prediction_set in enumerate(sets):
+        (alone,) = matcher([prediction_set], targets)
+        for (q1, t1), (q2, t2) in zip(together[s], alone):
+            assert q1.tolist() == q2.tolist() and t1.tolist() == t2.tolist()
+    assert [len(q) for q, _ in together[2]] == [3, 0, 6]
 
 
 def test_perfect_prediction_has_zero_box_loss_and_minimal_class_loss():
@@ -48,7 +64,7 @@ def test_perfect_prediction_has_zero_box_loss_and_minimal_class_loss():
     criterion = SetCriterion(4, HungarianMatcher())
     losses = criterion([(logits, boxes)], [target])
     assert losses["loss_bbox"].item() == pytest.approx(0.0, abs=1e-6)
-    assert losses["loss_giou"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["loss_giou"].item() == pytest.approx(0.0, abs=1e-5)   # torchvision's eps: 1e-7 on areas
     assert 0.0 <= losses["loss_class"].item() < 1e-6
     # a wrong class costs
     logits[0, 0] = logits[0, 0].roll(1)
@@ -161,24 +177,55 @@ def test_denoising_queries_are_hidden_from_object_queries_and_repair_their_boxes
                {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
     dn = build_denoising_queries(targets, 4, 6, 0.0, 0.4, num_queries=5, label_embed=torch.nn.Embedding(4, 8))
     assert dn["num_groups"] == 3 and dn["query"].shape == (2, 6, 8)
-    mask = dn["attn_mask"]
-    assert mask[6:, :6].all() and not mask[6:, 6:].any()              # object queries never see DN queries
-    assert not mask[:2, :2].any() and mask[:2, 2:6].all()             # a group sees only itself
     assert dn["valid"].tolist() == [[True, True] * 3, [True, False] * 3]
+    mask = dn["attn_mask"]                                             # [N, D+Q, D+Q], True = blocked
+    assert mask.shape == (2, 11, 11)
+    assert mask[:, 6:, :6].all() and not mask[:, 6:, 6:].any()        # object queries never see DN queries
+    assert not mask[0, :2, :2].any() and mask[0, :2, 2:6].all()       # a group sees only itself
+    assert mask[1, 0, 1] and mask[1, 2, 1] and not mask[1, 1, 1]       # a padding slot: seen by none but itself
+    assert not mask.diagonal(dim1=1, dim2=2).any()                      # no query is blind
+    assert [q.tolist() for q, _ in dn["indices"]] == [[0, 1, 2, 3, 4, 5], [0, 2, 4]]
     noisy, clean = dn["reference"][0, :2], targets[0]["boxes"]
     assert (noisy[:, :2] - clean[:, :2]).abs().max() <= 0.2 * 0.4 + 1e-6   # centre moved by at most 40% of half size
     assert not torch.allclose(noisy, clean)
 
+    # Predictions that repair every denoising query: zero box losses, no class loss (padding slots ignored).
     criterion = SetCriterion(4, HungarianMatcher())
-    logits = torch.full((2, 6, 4), -30.0)
+    logits = torch.full((2, 6 + 5, 4), -30.0)
+    boxes = torch.rand(2, 6 + 5, 4) * 0.2 + 0.4
     for g in range(3):
         logits[0, 2 * g, 1] = logits[0, 2 * g + 1, 2] = logits[1, 2 * g, 0] = 30.0
-    perfect = torch.cat([targets[0]["boxes"], torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5]])]).repeat(1, 1, 1)
-    boxes = torch.stack([targets[0]["boxes"].repeat(3, 1), perfect[0, 2:].repeat(3, 1)])
-    losses = criterion.denoising_losses([(logits, boxes)], dn, targets)
+        boxes[0, 2 * g: 2 * g + 2], boxes[1, 2 * g] = targets[0]["boxes"], targets[1]["boxes"][0]
+        logits[1, 2 * g + 1, 3] = 30.0                                  # a padding slot: not scored
+    losses = criterion([(logits, boxes)], targets, denoising=dn)
     assert losses["loss_bbox_dn"].item() == pytest.approx(0.0, abs=1e-6)
-    assert losses["loss_giou_dn"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["loss_giou_dn"].item() == pytest.approx(0.0, abs=1e-5)
     assert losses["loss_class_dn"].item() < 1e-6
+
+
+def test_padding_slots_of_denoising_do_not_change_real_queries():
+    """An image with fewer boxes than another gets padding slots; no real query may depend on them."""
+    from mobileformer_det.modeling.detr.denoising import build_denoising_queries
+
+    torch.manual_seed(0)
+    model = build_model(toy_cfg("MODEL.MF_DETR.DEC_LAYERS", 2)).eval()
+    images = model.preprocess_image([image_input(0, 64, 96), image_input(1, 64, 96)])
+    targets = [{"labels": torch.tensor([1, 2, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4],
+                                                                           [0.5, 0.5, 0.4, 0.4]])},
+               {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
+    with torch.no_grad():
+        encoded = model.encode(images)
+        dn = build_denoising_queries(targets, 4, 6, 0.0, 0.4, model.transformer.num_queries, model.transformer.label_embed)
+        before, _ = model.transformer(**encoded, denoising=dn)
+        padding = ~dn["valid"]
+        dn["query"][padding] = torch.randn_like(dn["query"][padding]) * 10
+        dn["reference"][padding] = torch.rand_like(dn["reference"][padding])
+        after, _ = model.transformer(**encoded, denoising=dn)
+    for (l1, b1), (l2, b2) in zip(before, after):
+        real = torch.cat([dn["valid"], torch.ones(2, l1.shape[1] - dn["valid"].shape[1], dtype=torch.bool)], 1)
+        torch.testing.assert_close(l1[real], l2[real], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b1[real], b2[real], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(l1[~real], l2[~real])              # the padding slots did change
 
 
 def test_a_batch_without_boxes_logs_the_same_losses():
@@ -192,3 +239,52 @@ def test_a_batch_without_boxes_logs_the_same_losses():
     sum(empty.values()).backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused, unused
+
+
+def _padded_training_batch():
+    return [image_input(0, 64, 96, instances=make_instances([[5, 5, 30, 30], [40, 10, 90, 60]], [1, 2], (64, 96))),
+            image_input(1, 80, 72, instances=make_instances([[10, 20, 50, 70]], [3], (80, 72)))]
+
+
+@pytest.mark.parametrize("aux_loss", [True, False])
+def test_every_parameter_gets_a_gradient(aux_loss):
+    """DistributedDataParallel (built without find_unused_parameters) needs every parameter in the graph."""
+    torch.manual_seed(0)
+    model = build_model(toy_cfg("MODEL.MF_DETR.AUX_LOSS", aux_loss)).train()
+    losses = model(_padded_training_batch())
+    assert ("loss_class_0" in losses) == aux_loss and "loss_class" in losses and "loss_class_enc" in losses
+    assert len(model.transformer.class_heads) == (3 if aux_loss else 1)
+    sum(losses.values()).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused
+
+
+class _HostSyncs(torch.overrides.TorchFunctionMode):
+    """Records the calls of this package's code that copy device data to the host (each one waits
+    for the device on a GPU)."""
+
+    SYNCS = {torch.Tensor.item, torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.__bool__}  # numpy() needs cpu()
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCS:
+            frame = sys._getframe(1)
+            while frame is not None and "/torch/" in frame.f_code.co_filename:
+                frame = frame.f_back
+            if frame is not None and "mobileformer_det" in frame.f_code.co_filename:
+                self.calls.append(f"{func.__name__} at {os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_copies_to_the_host_once():
+    """The matcher's cost matrices, all layers and images together: nothing else waits for the device."""
+    torch.manual_seed(0)
+    model = build_model(toy_cfg()).train()
+    batch = _padded_training_batch()
+    with _HostSyncs() as syncs:
+        losses = model(batch)
+    sum(losses.values()).backward()
+    assert len(syncs.calls) == 1 and syncs.calls[0].startswith("cpu at matcher.py"), syncs.calls

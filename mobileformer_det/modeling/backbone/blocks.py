@@ -1,4 +1,5 @@
-"""The three block types of Mobile-Former's table (PAPER.md: ``lite``, ``down``, ``mf``).
+"""The three block types of Mobile-Former's variants (``lite``, ``down``, ``mf``; in the authors' code,
+github.com/AAboys/MobileFormer, ``DnaBlock`` is ``mf`` and ``DnaBlock3`` is ``down`` and ``lite``).
 
 Every block maps ``(x [N, C_in, H, W], tokens [N, M, d])`` to
 ``(x [N, C_out, H/s, W/s], tokens [N, M, d])``. With ``masks = (mask_in, mask_out)`` (bool

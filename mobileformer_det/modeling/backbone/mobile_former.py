@@ -17,7 +17,8 @@ __all__ = ["VARIANTS", "MobileFormerSpec", "MobileFormer", "build_mobileformer_b
 
 @dataclass(frozen=True)
 class MobileFormerSpec:
-    """One Mobile-Former variant (PAPER.md's table).
+    """One Mobile-Former variant (arXiv 2108.05895), block by block as the authors' code builds it
+    (github.com/AAboys/MobileFormer).
 
     ``blocks`` rows are ``(type, e1, c, n, s, e2)``: block type (``lite``/``down``/``mf``),
     first expansion, output channels, repeats, stride of the first repeat, second expansion
@@ -177,13 +178,13 @@ class MobileFormer(Backbone):
         Args:
             x: ``[N, 3, H, W]`` normalised RGB images, zero-padded at the bottom and right.
             image_sizes: optional ``[N, 2]`` int tensor of each image's (h, w) before padding: padding
-                then never reaches the valid part of any map, nor the tokens (see blocks.py).
+                then never reaches the valid part of any map, nor the tokens (see blocks.py). Pass
+                None when no image is padded: the masks cost time (masked attention takes a slower
+                kernel), and deciding that from the tensor would wait for the device.
         Returns:
             (dict of every stage map that ``self._out_features`` asks for, final map ``[N, C, H/32, W/32]``,
             tokens ``[N, M, d]`` after the final Mobile->Former).
         """
-        if image_sizes is not None and bool((image_sizes == torch.tensor(x.shape[-2:], device=x.device)).all()):
-            image_sizes = None  # nothing padded: skip the masks (and masked attention's slower kernel)
         outputs = {}
         x = F.relu6(self.stem(x))
         tokens = self.tokens.unsqueeze(0).expand(x.shape[0], -1, -1)

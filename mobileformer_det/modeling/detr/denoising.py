@@ -2,10 +2,11 @@
 
 During training, ``num_groups`` noised copies of every ground-truth box (centre shifted and size
 scaled by up to ``box_noise`` of its size, label replaced by a random one with probability
-``label_noise``) enter the decoder beside the object queries. Their targets are known, so they
+``label_noise``) enter the decoder before the object queries. Their targets are known, so they
 get a loss without matching; this stabilises the early bipartite matching and speeds up
-convergence. An attention mask keeps the object queries from seeing them and each group from
-seeing the others.
+convergence. An attention mask keeps the object queries from seeing them, each group from
+seeing the others, and every query from seeing the padding slots of images with fewer boxes
+than the batch's largest count.
 """
 import torch
 from torchvision.ops import box_convert
@@ -19,22 +20,24 @@ def build_denoising_queries(targets, num_classes, total, label_noise, box_noise,
         num_queries: object queries that follow the denoising ones in the decoder.
         label_embed: ``nn.Embedding(num_classes, dim)`` giving the content of a denoising query.
     Returns:
-        None when no image has a box; else a dict: ``query`` ``[N, D, dim]``, ``reference``
-        ``[N, D, 4]`` (sigmoid space), ``attn_mask`` ``[D+Q, D+Q]`` bool (True = blocked),
-        ``num_groups``, ``max_boxes`` and ``valid`` ``[N, D]`` bool (slots holding a real box).
+        a dict: ``query`` ``[N, D, dim]``, ``reference`` ``[N, D, 4]`` (sigmoid space), ``attn_mask``
+        ``[N, D+Q, D+Q]`` bool (True = blocked), ``num_groups``, ``max_boxes``, ``valid`` ``[N, D]``
+        bool (slots holding a real box) and ``indices`` (per image, the ``(slot, target)`` pairs as
+        int64 CPU tensors). D = num_groups * max_boxes is 0 when no image has a box: the batch still
+        goes through the same computation (label_embed stays in the graph, as
+        DistributedDataParallel requires).
     """
     counts = [len(t["labels"]) for t in targets]
     max_boxes = max(counts)
-    if max_boxes == 0:
-        return None
-    groups = max(1, total // max_boxes)
+    groups = max(1, total // max_boxes) if max_boxes else 0
     n, device = len(targets), label_embed.weight.device
     labels = torch.zeros(n, max_boxes, dtype=torch.int64, device=device)
     boxes = torch.full((n, max_boxes, 4), 0.5, device=device)
-    valid = torch.zeros(n, max_boxes, dtype=torch.bool, device=device)
     for i, t in enumerate(targets):
-        labels[i, : counts[i]], boxes[i, : counts[i]], valid[i, : counts[i]] = t["labels"], t["boxes"], True
-    labels, boxes, valid = labels.repeat(1, groups), boxes.repeat(1, groups, 1), valid.repeat(1, groups)
+        labels[i, : counts[i]], boxes[i, : counts[i]] = t["labels"], t["boxes"]
+    labels, boxes = labels.repeat(1, groups), boxes.repeat(1, groups, 1)
+    slot = torch.arange(max_boxes).repeat(groups)                              # box index of each slot
+    valid = slot[None] < torch.tensor(counts)[:, None]                          # [N, D], on the host
 
     flip = torch.rand(labels.shape, device=device) < label_noise
     labels = torch.where(flip, torch.randint_like(labels, num_classes), labels)
@@ -45,11 +48,15 @@ def build_denoising_queries(targets, num_classes, total, label_noise, box_noise,
         boxes = box_convert(xyxy.clamp(0, 1), "xyxy", "cxcywh").clamp(min=1e-4)
 
     size = groups * max_boxes
-    mask = torch.zeros(size + num_queries, size + num_queries, dtype=torch.bool, device=device)
+    mask = torch.zeros(size + num_queries, size + num_queries, dtype=torch.bool)
     mask[size:, :size] = True                                                # queries never see DN
     for g in range(groups):
         block = slice(g * max_boxes, (g + 1) * max_boxes)
         mask[block, :size] = True
         mask[block, block] = False                                           # a group sees itself only
-    return {"query": label_embed(labels), "reference": boxes.clamp(1e-4, 1 - 1e-4), "attn_mask": mask,
-            "num_groups": groups, "max_boxes": max_boxes, "valid": valid}
+    # Padding slots are seen by no other query; each sees itself, so that no row is all blocked.
+    padding = torch.cat([~valid, torch.zeros(n, num_queries, dtype=torch.bool)], 1)   # [N, D+Q]
+    mask = (mask[None] | padding[:, None, :]) & ~torch.eye(size + num_queries, dtype=torch.bool)
+    indices = [(torch.nonzero(v).flatten(), slot[v]) for v in valid]
+    return {"query": label_embed(labels), "reference": boxes.clamp(1e-4, 1 - 1e-4), "attn_mask": mask.to(device),
+            "num_groups": groups, "max_boxes": max_boxes, "valid": valid.to(device), "indices": indices}

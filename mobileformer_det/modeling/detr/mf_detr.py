@@ -68,15 +68,14 @@ class MFDETR(nn.Module):
 
     @configurable
     def __init__(self, *, backbone, in_features, num_classes, transformer, criterion, neck, token_proj,
-                 token_pos, level_embed, pixel_mean, pixel_std, input_format="RGB", aux_loss=True,
-                 use_tokens=True, test_topk=100, test_score_thresh=0.0, dn_number=0, dn_label_noise=0.2,
+                 token_pos, level_embed, pixel_mean, pixel_std, input_format="RGB", use_tokens=True, test_topk=100, test_score_thresh=0.0, dn_number=0, dn_label_noise=0.2,
                  dn_box_noise=0.4):
         super().__init__()
         self.backbone, self.in_features = backbone, list(in_features)
         self.num_classes = num_classes
         self.transformer, self.criterion, self.neck = transformer, criterion, neck
         self.token_proj, self.token_pos, self.level_embed = token_proj, token_pos, level_embed
-        self.input_format, self.aux_loss, self.use_tokens = input_format, aux_loss, use_tokens
+        self.input_format, self.use_tokens = input_format, use_tokens
         self.test_topk, self.test_score_thresh = test_topk, test_score_thresh
         self.dn_number, self.dn_label_noise, self.dn_box_noise = dn_number, dn_label_noise, dn_box_noise
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -87,6 +86,8 @@ class MFDETR(nn.Module):
         c = cfg.MODEL.MF_DETR
         if cfg.INPUT.FORMAT != "RGB":
             raise ValueError(f"MF-DETR expects INPUT.FORMAT 'RGB' (Mobile-Former is trained on RGB), got {cfg.INPUT.FORMAT!r}")
+        if cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON:
+            raise ValueError("MF-DETR predicts boxes only: set MODEL.MASK_ON False and MODEL.KEYPOINT_ON False")
         backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
         shapes = backbone.output_shape()
         in_features = list(cfg.MODEL.MOBILEFORMER.OUT_FEATURES)
@@ -105,7 +106,7 @@ class MFDETR(nn.Module):
             "transformer": Transformer(
                 c.HIDDEN_DIM, c.DIM_FEEDFORWARD, c.NUM_FEATURE_LEVELS, c.NUM_QUERIES, c.NUM_CLASSES,
                 enc_layers=c.ENC_LAYERS, dec_layers=c.DEC_LAYERS, num_heads=c.NHEADS, num_points=c.NUM_POINTS,
-                dropout=c.DROPOUT, two_stage=c.TWO_STAGE, denoising=c.DN_NUMBER > 0,
+                dropout=c.DROPOUT, two_stage=c.TWO_STAGE, denoising=c.DN_NUMBER > 0, aux_loss=c.AUX_LOSS,
             ),
             "criterion": SetCriterion(
                 c.NUM_CLASSES, matcher, c.CLASS_WEIGHT, c.BBOX_WEIGHT, c.GIOU_WEIGHT, c.FOCAL_ALPHA, c.FOCAL_GAMMA,
@@ -116,7 +117,6 @@ class MFDETR(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
-            "aux_loss": c.AUX_LOSS,
             "use_tokens": c.USE_TOKENS,
             "test_topk": c.TEST_TOPK,
             "test_score_thresh": c.TEST_SCORE_THRESH,
@@ -145,7 +145,8 @@ class MFDETR(nn.Module):
         ``tokens``/``token_pos`` ``[N, M, dim]``.
         """
         sizes = torch.tensor([[int(h), int(w)] for h, w in images.image_sizes], device=self.device)
-        features = self.backbone(images.tensor, sizes)
+        padded = any(tuple(size) != tuple(images.tensor.shape[-2:]) for size in images.image_sizes)
+        features = self.backbone(images.tensor, sizes if padded else None)
         tokens = self.token_proj(features["tokens"])
         if not self.use_tokens:
             tokens = tokens * 0.0  # not zeros_like: the projection stays in the graph, as DDP requires
@@ -184,26 +185,12 @@ class MFDETR(nn.Module):
 
         targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images.image_sizes)
         denoising = None
-        if self.dn_number > 0:
+        if self.dn_number > 0:  # also when no image has a box: every worker computes the same losses
             denoising = build_denoising_queries(
                 targets, self.num_classes, self.dn_number, self.dn_label_noise, self.dn_box_noise,
                 self.transformer.num_queries, self.transformer.label_embed)
         outputs, enc_outputs = self.transformer(**self.encode(images), denoising=denoising)
-        if not self.aux_loss:
-            outputs = outputs[-1:]
-        num_dn = 0 if denoising is None else denoising["query"].shape[1]
-        losses = self.criterion([(l[:, num_dn:], b[:, num_dn:]) for l, b in outputs], targets, enc_outputs)
-        if denoising is not None:
-            dn_outputs = [(l[:, :num_dn], b[:, :num_dn]) for l, b in outputs]
-            losses.update(self.criterion.denoising_losses(dn_outputs, denoising, targets))
-        elif self.dn_number > 0:
-            # No box in this batch: the same keys (every worker must log the same ones) at zero,
-            # with the label embedding kept in the graph for DistributedDataParallel.
-            zero = self.transformer.label_embed.weight.sum() * 0.0
-            keys = [k for k in losses if not k.endswith("_enc")]
-            losses.update({k.replace("loss_class", "loss_class_dn").replace("loss_bbox", "loss_bbox_dn")
-                           .replace("loss_giou", "loss_giou_dn"): zero for k in keys})
-        return losses
+        return self.criterion(outputs, targets, enc_outputs, denoising)
 
     def postprocess(self, outputs, batched_inputs, image_sizes):
         """Final-layer ``(logits, boxes)`` -> list of ``{"instances"}`` at each input's height/width."""

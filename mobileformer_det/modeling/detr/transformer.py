@@ -79,7 +79,7 @@ class DecoderLayer(nn.Module):
             reference: ``[N, Q, L, 4]`` boxes (cx, cy, w, h) normalised to each padded level.
             memory: ``[N, S, dim]``; padding_mask ``[N, S]``.
             tokens, token_pos: ``[N, M, dim]``, the projected global tokens and their embeddings.
-            self_attn_mask: optional ``[Q, Q]`` bool, True where a query may not look (denoising groups).
+            self_attn_mask: optional ``[N * heads, Q, Q]`` bool, True where a query may not look (denoising).
         Returns:
             ``[N, Q, dim]``.
         """
@@ -102,10 +102,13 @@ class Transformer(nn.Module):
         two_stage: pick the initial reference boxes as the top-scoring map positions (with the
             class and box heads run on every position); else learned reference boxes.
         denoising: build ``label_embed``, the content of denoising queries (see denoising.py).
+        aux_loss: class and box heads on every decoder layer (iterative box refinement, a loss per
+            layer); False builds them for the last layer only, the earlier layers keep their
+            reference boxes (their heads would get no gradient: references are detached).
     """
 
     def __init__(self, dim, ffn_dim, num_levels, num_queries, num_classes, enc_layers=0, dec_layers=6,
-                 num_heads=8, num_points=4, dropout=0.0, two_stage=True, denoising=False):
+                 num_heads=8, num_points=4, dropout=0.0, two_stage=True, denoising=False, aux_loss=True):
         super().__init__()
         self.label_embed = nn.Embedding(num_classes, dim) if denoising else None
         self.num_queries, self.two_stage = num_queries, two_stage
@@ -115,8 +118,9 @@ class Transformer(nn.Module):
         self.decoder = nn.ModuleList(copy.deepcopy(decoder_layer) for _ in range(dec_layers))
         self.query_pos_head = MLP(2 * dim, dim, dim, 2)
         self.query_embed = nn.Embedding(num_queries, dim)
-        self.class_heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(dec_layers))
-        self.box_heads = nn.ModuleList(MLP(dim, dim, 4, 3) for _ in range(dec_layers))
+        num_heads_sets = dec_layers if aux_loss else 1
+        self.class_heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(num_heads_sets))
+        self.box_heads = nn.ModuleList(MLP(dim, dim, 4, 3) for _ in range(num_heads_sets))
         if two_stage:
             self.enc_output = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim))
             self.enc_class_head = nn.Linear(dim, num_classes)
@@ -185,8 +189,8 @@ class Transformer(nn.Module):
             tokens, token_pos: ``[N, M, dim]``.
             denoising: optional dict of ``build_denoising_queries``: its D queries go first.
         Returns:
-            (list over decoder layers of ``(logits [N, D+Q, K], boxes [N, D+Q, 4] cxcywh in [0, 1])``,
-            encoder outputs dict or None).
+            (list over the decoder layers that have heads (all, or the last without ``aux_loss``) of
+            ``(logits [N, D+Q, K], boxes [N, D+Q, 4] cxcywh in [0, 1])``, encoder outputs dict or None).
         """
         if len(self.encoder):
             reference = self._grid_references(spatial_shapes, valid_ratios, memory.device)
@@ -205,15 +209,18 @@ class Transformer(nn.Module):
         if denoising is not None:
             query = torch.cat([denoising["query"].to(query.dtype), query], 1)
             reference = torch.cat([denoising["reference"], reference], 1)
-            self_attn_mask = denoising["attn_mask"]
+            # one [D+Q, D+Q] mask per image and attention head, as nn.MultiheadAttention takes it
+            self_attn_mask = denoising["attn_mask"].repeat_interleave(self.decoder[0].self_attn.num_heads, 0)
 
         ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]            # [N, 1, L, 4]
         outputs = []
-        for layer, class_head, box_head in zip(self.decoder, self.class_heads, self.box_heads):
+        first_head = len(self.decoder) - len(self.class_heads)
+        for i, layer in enumerate(self.decoder):
             query_pos = self.query_pos_head(sine_embed_coords(reference, query.shape[-1] // 2).to(query.dtype))
             query = layer(query, query_pos, reference[:, :, None] * ratios, memory, spatial_shapes,
                           padding_mask, tokens, token_pos, self_attn_mask)
-            boxes = (box_head(query) + inverse_sigmoid(reference)).sigmoid()
-            outputs.append((class_head(query), boxes))
-            reference = boxes.detach()
+            if i >= first_head:
+                boxes = (self.box_heads[i - first_head](query) + inverse_sigmoid(reference)).sigmoid()
+                outputs.append((self.class_heads[i - first_head](query), boxes))
+                reference = boxes.detach()
         return outputs, enc_outputs
