@@ -4,6 +4,6 @@ Importing this package registers ``build_mobileformer_backbone`` in Detectron2's
 ``BACKBONE_REGISTRY`` and ``MFDETR`` in ``META_ARCH_REGISTRY``.
 """
 from . import modeling
-from .config import add_mobileformer_config
+from .config import add_mobileformer_config, setup_cfg
 
 __version__ = "0.1.0"

@@ -1,5 +1,13 @@
-"""Every config key this project adds to Detectron2's defaults, with its default and meaning."""
+"""Every config key this project adds to Detectron2's defaults, with its default and meaning, and
+the one function that builds a config for the tools and the tests."""
+import logging
+
+import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+from detectron2.utils import comm
+
+__all__ = ["add_mobileformer_config", "setup_cfg"]
 
 
 def add_mobileformer_config(cfg):
@@ -9,7 +17,9 @@ def add_mobileformer_config(cfg):
     cfg.MODEL.MOBILEFORMER.VARIANT = "mf294"
     # Feature maps handed to the detector, among res2..res5 (strides 4..32).
     cfg.MODEL.MOBILEFORMER.OUT_FEATURES = ["res3", "res4", "res5"]
-    # Normalisation of the convolutions: BN, FrozenBN or SyncBN.
+    # Normalisation of the convolutions: BN, FrozenBN or SyncBN. FrozenBN keeps the statistics of
+    # MODEL.WEIGHTS (the COCO recipe's choice); BN learns them per process (with several processes,
+    # process 0's are broadcast at every step); SyncBN learns them over all GPUs.
     cfg.MODEL.MOBILEFORMER.NORM = "BN"
     # 0: train all; 1: freeze stem + tokens; k >= 2: also res2..res<k>.
     cfg.MODEL.MOBILEFORMER.FREEZE_AT = 0
@@ -40,7 +50,8 @@ def add_mobileformer_config(cfg):
     cfg.MODEL.MF_DETR.DN_BOX_NOISE = 0.4
     # Let queries attend to Mobile-Former's global tokens (False zeroes them: an ablation switch).
     cfg.MODEL.MF_DETR.USE_TOKENS = True
-    # Losses on every decoder layer (and on the two-stage proposals).
+    # Class and box heads, box refinement and losses on every decoder layer; False: on the last only
+    # (the two-stage proposals keep their loss either way).
     cfg.MODEL.MF_DETR.AUX_LOSS = True
     # Loss weights and matching costs (focal class / L1 / GIoU).
     cfg.MODEL.MF_DETR.CLASS_WEIGHT = 2.0
@@ -73,3 +84,29 @@ def add_mobileformer_config(cfg):
     cfg.DATASETS.COCO_FORMAT = []
     # Where the embedded toy dataset is written (generated on first use).
     cfg.DATASETS.TOY_ROOT = "datasets/toy_coco"
+
+
+def setup_cfg(config_file=None, opts=(), *, freeze=True):
+    """Detectron2's defaults, this project's keys, ``config_file`` and ``KEY VALUE`` ``opts``, then
+    the fallbacks for this machine: without CUDA, ``MODEL.DEVICE`` cuda becomes cpu and AMP training
+    (``SOLVER.AMP.ENABLED``) is turned off. Each fallback is logged once, by the main process, on
+    the ``mobileformer_det`` logger.
+    """
+    cfg = get_cfg()
+    add_mobileformer_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    fallbacks = []
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+        fallbacks.append("no CUDA device: MODEL.DEVICE set to cpu")
+    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+        cfg.SOLVER.AMP.ENABLED = False
+        fallbacks.append("SOLVER.AMP.ENABLED turned off: AMP training needs CUDA")
+    if comm.is_main_process():
+        for message in fallbacks:
+            logging.getLogger("mobileformer_det").warning(message)
+    if freeze:
+        cfg.freeze()
+    return cfg

@@ -26,7 +26,7 @@ REFERENCE_LOGITS = {
     "mf26": ([[0.673465, -0.530314, -0.59742, 0.396442, 1.206494, -0.442806],
               [0.674641, -0.740262, -0.636324, 0.420675, 1.182543, -0.516413]], -49.72669),
 }
-# Reference implementation: params (M) and fvcore FLOPs (M) at 224x224 (PAPER.md).
+# Reference implementation (AAboys/MobileFormer) counted with fvcore at 224x224: params (M), FLOPs (M).
 REFERENCE_COUNTS = {
     "mf508": (13.977, 510.6), "mf294": (11.423, 295.4), "mf214": (9.426, 215.3), "mf151": (7.596, 152.0),
     "mf96": (4.585, 96.3), "mf52": (3.469, 51.8), "mf26": (3.233, 26.0),

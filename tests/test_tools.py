@@ -95,3 +95,31 @@ def test_benchmark_smoke(task):
     assert "device: cpu" in result.stdout
     if task == "eval":
         assert "ratio (MF-DETR / torchvision)" in result.stdout
+
+
+@pytest.mark.slow
+def test_demo_json_scores_with_cocoeval_against_the_dataset(tmp_path, overfit_toy):
+    """The demo's detections carry the dataset's own category ids (the toy json numbers its classes
+    from 1): pycocotools scores them against the annotations as COCOEvaluator scores the model."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO(overfit_toy["json"])
+    files = {im["file_name"]: im["id"] for im in gt.dataset["images"]}
+    out = tmp_path / "out"
+    result = _tool("demo.py", "--config-file", TOY_CONFIG, "--input",
+                   *[os.path.join(overfit_toy["image_root"], f) for f in files], "--output", out,
+                   "--confidence-threshold", 0.0, "--opts", "MODEL.WEIGHTS", overfit_toy["weights"],
+                   "DATASETS.TOY_ROOT", os.path.join(ROOT, "datasets", "toy_coco"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    detections = []
+    for name, image_id in files.items():
+        for d in json.load(open(out / (os.path.splitext(name)[0] + ".json")))["detections"]:
+            detections.append({"image_id": image_id, "category_id": d["category_id"], "bbox": d["bbox"], "score": d["score"]})
+            assert gt.cats[d["category_id"]]["name"] == d["category"]
+    evaluation = COCOeval(gt, gt.loadRes(detections), "bbox")
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    ap50 = 100 * evaluation.stats[1]
+    assert ap50 > 80 and ap50 == pytest.approx(overfit_toy["result"]["AP50"], abs=1.0)

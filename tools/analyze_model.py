@@ -14,33 +14,23 @@ import logging
 import math
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.analysis import FlopCountAnalysis, parameter_count_table
 from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
 
-from mobileformer_det import add_mobileformer_config
+from mobileformer_det import setup_cfg
 from mobileformer_det.modeling import VARIANTS, MobileFormer, mobile_former_classifier
 from mobileformer_det.utils.flops import EXTRA_OP_HANDLES, flop_count_analysis
 
-# The reference implementation's counts (PAPER.md): params (M), fvcore FLOPs at 224x224 (M).
+# The authors' implementation (github.com/AAboys/MobileFormer) counted with fvcore at 224x224, one
+# multiply-add = one flop: params (M), FLOPs (M). The paper (arXiv 2108.05895) rounds them: 14.0M /
+# 508M for the largest, 3.2M / 26M for the smallest.
 REFERENCE = {
     "mf508": (13.977, 510.6), "mf294": (11.423, 295.4), "mf214": (9.426, 215.3), "mf151": (7.596, 152.0),
     "mf96": (4.585, 96.3), "mf52": (3.469, 51.8), "mf26": (3.233, 26.0),
 }
 DETECTION_SIZES = [(640, 640), (800, 1216)]
-
-
-def setup_cfg(args):
-    cfg = get_cfg()
-    add_mobileformer_config(cfg)
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    return cfg
 
 
 def default_input_size(cfg):
@@ -112,7 +102,8 @@ def main(argv=None):
     needs_cfg = {"flop", "parameter", "structure", "detectors"} & set(args.tasks)
     if needs_cfg and not args.config_file:
         parser.error(f"tasks {sorted(needs_cfg)} need --config-file")
-    cfg = setup_cfg(args) if needs_cfg else None
+    cfg = setup_cfg(args.config_file, args.opts + ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""], freeze=False) \
+        if needs_cfg else None
     model = build_model(cfg).eval() if {"flop", "parameter", "structure"} & set(args.tasks) else None
 
     for task in args.tasks:

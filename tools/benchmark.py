@@ -6,39 +6,34 @@
     python tools/benchmark.py --config-file configs/mf_detr_toy.yaml --task train
     python tools/benchmark.py --config-file configs/mf_detr_toy.yaml --task data
 
-``eval`` times batch 1 and batch 8 (median and p90 over ``--runs`` after ``--warmup``), and in the
+``train`` times the trainer's own step (forward, backward, clipping, optimizer; AMP with ``--amp``
+on CUDA) on a synthetic batch. ``eval`` times batch 1 and batch 8 (median and p90 over ``--runs`` after ``--warmup``), and in the
 same run torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` (random weights: speed only) at
 ``--compare-size`` (default: the same size), then prints the ratio. On CUDA every timing is
 synchronised; ``--amp`` runs under autocast (float16 on CUDA, bfloat16 on the CPU).
 """
 import argparse
 import contextlib
+import itertools
 import logging
 import time
 
 import numpy as np
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
 from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
 
-from mobileformer_det import add_mobileformer_config
-from mobileformer_det.engine import Trainer, build_optimizer
-
-
-def setup_cfg(args):
-    cfg = get_cfg()
-    add_mobileformer_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if args.device:
-        cfg.MODEL.DEVICE = args.device
-    elif not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    return cfg
+from mobileformer_det import setup_cfg
+from mobileformer_det.engine import (
+    ClippingAMPTrainer,
+    ClippingTrainer,
+    Trainer,
+    build_optimizer,
+    clip_norm_from_config,
+)
 
 
 def _sync(device):
@@ -107,28 +102,24 @@ def _synthetic_batch(cfg, batch, height, width, rng):
 
 
 def bench_train(args, cfg):
+    """Seconds per training step of the trainer's own step (forward, backward, clipping, optimizer)."""
     device = torch.device(cfg.MODEL.DEVICE)
     height, width = args.input_size or (max(cfg.INPUT.MIN_SIZE_TRAIN),) * 2
     model = build_model(cfg).train()
     optimizer = build_optimizer(cfg, model)
     batch = args.train_batch or cfg.SOLVER.IMS_PER_BATCH
     inputs = _synthetic_batch(cfg, batch, height, width, np.random.RandomState(0))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
-
-    def step():
-        with autocast(device, args.amp):
-            loss = sum(model(inputs).values())
-        optimizer.zero_grad()
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    t = time_fn(step, device, args.runs, args.warmup)
-    rows = [[f"MF-DETR {cfg.MODEL.MOBILEFORMER.VARIANT}", f"{height}x{width}", batch, f"{np.median(t):.3f}",
-             f"{np.percentile(t, 90):.3f}", f"{batch / np.median(t):.2f}"]]
+    amp = args.amp and device.type == "cuda"
+    kwargs = {"grad_scaler": torch.amp.GradScaler("cuda")} if amp else {}
+    step_trainer = (ClippingAMPTrainer if amp else ClippingTrainer)(
+        model, itertools.repeat(inputs), optimizer, clip_norm=clip_norm_from_config(cfg), **kwargs)
+    with EventStorage():
+        t = time_fn(step_trainer.run_step, device, args.runs, args.warmup)
+    rows = [[f"MF-DETR {cfg.MODEL.MOBILEFORMER.VARIANT}", f"{height}x{width}", batch, len(optimizer.param_groups),
+             f"{np.median(t):.3f}", f"{np.percentile(t, 90):.3f}", f"{batch / np.median(t):.2f}"]]
     if device.type == "cuda":
         rows[0].append(f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}")
-    headers = ["model", "input", "batch", "median s/iter", "p90 s/iter", "images/s"]
+    headers = ["model", "input", "batch", "param groups", "median s/iter", "p90 s/iter", "images/s"]
     print(tabulate(rows, headers + (["peak GiB"] if device.type == "cuda" else []), tablefmt="pipe"))
 
 
@@ -168,7 +159,8 @@ def main(argv=None):
     logging.getLogger("detectron2").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = setup_cfg(args)
+    cfg = setup_cfg(args.config_file, args.opts + (["MODEL.DEVICE", args.device] if args.device else [])
+                    + ["MODEL.WEIGHTS", ""])
     device = torch.device(cfg.MODEL.DEVICE)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {device} ({name}); torch {torch.__version__}; CPU threads: {torch.get_num_threads()}; "

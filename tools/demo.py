@@ -5,8 +5,8 @@
         --output out/ --confidence-threshold 0.5 --opts MODEL.WEIGHTS model_final.pth
 
 For each readable input it writes ``<output>/<name>.png`` (the drawing) and ``<output>/<name>.json``
-(the detections above the threshold: COCO-style ``bbox`` [x, y, w, h] in pixels, ``category_id``,
-``category``, ``score``). An unreadable file is reported by name and skipped; the exit code is
+(the detections above the threshold: COCO-style ``bbox`` [x, y, w, h] in pixels, ``category_id``
+(the dataset's own id, as in its json), ``category``, ``score``). An unreadable file is reported by name and skipped; the exit code is
 non-zero only when no input could be processed.
 """
 import argparse
@@ -18,9 +18,7 @@ import sys
 import time
 
 import numpy as np
-import torch
 import tqdm
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import _apply_exif_orientation
 from detectron2.engine import DefaultPredictor
@@ -28,22 +26,11 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
-from mobileformer_det import add_mobileformer_config
+from mobileformer_det import setup_cfg
 from mobileformer_det.checkpoint import MobileFormerCheckpointer
-from mobileformer_det.data import register_datasets_from_config
+from mobileformer_det.data import check_num_classes, register_datasets_from_config
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-def setup_cfg(args):
-    cfg = get_cfg()
-    add_mobileformer_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
 
 
 def expand_inputs(inputs):
@@ -73,12 +60,16 @@ def read_image_rgb(path):
         return np.asarray(img.convert("RGB"))
 
 
-def detections_to_json(instances, class_names):
+def detections_to_json(instances, metadata):
+    """COCO-style detections: ``bbox`` [x, y, w, h], the dataset's ``category_id`` (the model's
+    contiguous class index mapped back through ``thing_dataset_id_to_contiguous_id``), its name, ``score``."""
+    class_names = metadata.get("thing_classes", [])
+    dataset_id = {v: k for k, v in metadata.get("thing_dataset_id_to_contiguous_id", {}).items()}
     boxes = instances.pred_boxes.tensor.tolist()
     out = []
     for (x0, y0, x1, y1), cls, score in zip(boxes, instances.pred_classes.tolist(), instances.scores.tolist()):
         out.append({
-            "bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": cls,
+            "bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": dataset_id.get(cls, cls),
             "category": class_names[cls] if cls < len(class_names) else str(cls), "score": score,
         })
     return out
@@ -93,14 +84,16 @@ def main(argv=None):
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     logger = setup_logger(name="demo")
+    setup_logger(name="mobileformer_det", abbrev_name="mfdet")
     logging.getLogger("fvcore").setLevel(logging.WARNING)
 
-    cfg = setup_cfg(args)
-    if cfg.DATASETS.TEST:
+    cfg = setup_cfg(args.config_file, args.opts)
+    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+    if cfg.DATASETS.TEST:  # class names and the dataset's category ids
         register_datasets_from_config(cfg)
-        metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
-    else:
-        metadata = MetadataCatalog.get("__unused")
+        if "thing_dataset_id_to_contiguous_id" not in metadata.as_dict():
+            DatasetCatalog.get(metadata.name)  # a COCO-format dataset sets them when loaded
+        check_num_classes(cfg.MODEL.MF_DETR.NUM_CLASSES, metadata.name)
     if not cfg.MODEL.WEIGHTS:
         logger.error("no weights: pass --opts MODEL.WEIGHTS path/to/model_final.pth")
         return 2
@@ -113,9 +106,6 @@ def main(argv=None):
     empty_cfg.MODEL.WEIGHTS = ""
     predictor = DefaultPredictor(empty_cfg)
     MobileFormerCheckpointer(predictor.model, variant=cfg.MODEL.MOBILEFORMER.VARIANT).load(cfg.MODEL.WEIGHTS)
-    if "thing_classes" not in metadata.as_dict() and metadata.name in DatasetCatalog.list():
-        DatasetCatalog.get(metadata.name)  # a COCO-format dataset sets its class names when loaded
-    class_names = metadata.get("thing_classes", [])
 
     paths = expand_inputs(args.input)
     if not paths:
@@ -140,7 +130,7 @@ def main(argv=None):
         Visualizer(rgb, metadata).draw_instance_predictions(instances).save(os.path.join(args.output, name + ".png"))
         with open(os.path.join(args.output, name + ".json"), "w") as f:
             json.dump({"file_name": path, "height": rgb.shape[0], "width": rgb.shape[1],
-                       "detections": detections_to_json(instances, class_names)}, f, indent=1)
+                       "detections": detections_to_json(instances, metadata)}, f, indent=1)
         done += 1
     logger.info(f"{done} image(s) written to {args.output}; {len(failed)} unreadable: {failed}")
     return 0 if done else 1

@@ -2,44 +2,53 @@
 """Train or evaluate MF-DETR with Detectron2 (its standard flags: --config-file, --num-gpus,
 --num-machines, --machine-rank, --dist-url, --resume, --eval-only, trailing KEY VALUE overrides).
 
-Without CUDA, MODEL.DEVICE falls back to cpu, AMP is turned off, and --num-gpus N starts N gloo
-processes on the CPU.
+Without CUDA, MODEL.DEVICE falls back to cpu and AMP is turned off. With MODEL.DEVICE cpu,
+--num-gpus N starts N processes that talk over gloo, also on a machine that has GPUs.
 """
 import logging
+import os
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
-from mobileformer_det import add_mobileformer_config
+from mobileformer_det import setup_cfg
 from mobileformer_det.checkpoint import MobileFormerCheckpointer
 from mobileformer_det.data import register_datasets_from_config
 from mobileformer_det.engine import Trainer
 
+logger = logging.getLogger("mobileformer_det")
 
-def setup(args):
-    cfg = get_cfg()
-    add_mobileformer_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    fallbacks = []
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-        fallbacks.append("no CUDA device: MODEL.DEVICE set to cpu")
-    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
-        cfg.SOLVER.AMP.ENABLED = False
-        fallbacks.append("SOLVER.AMP.ENABLED turned off (AMP training needs CUDA)")
-    cfg.freeze()
+
+def processes_on_cpu(cfg, world_size):
+    """Make ``launch`` start gloo, not NCCL, processes for a CPU config on a machine with GPUs.
+
+    Detectron2's ``launch`` picks NCCL whenever CUDA is available; NCCL cannot carry CPU tensors.
+    Hiding the GPUs from the processes it starts (they read ``CUDA_VISIBLE_DEVICES`` when they
+    start) makes it pick gloo. Returns the warning it logged, if any.
+    """
+    if not cfg.MODEL.DEVICE.startswith("cpu") or not torch.cuda.is_available():
+        return None
+    message = "MODEL.DEVICE is cpu although CUDA is available: training on the CPU (set MODEL.DEVICE cuda to use the GPUs)"
+    if world_size > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        message += f"; the {world_size} processes use gloo"
+    logger.warning(message)
+    return message
+
+
+def main(cfg, args):
     default_setup(cfg, args)
-    for message in fallbacks:
-        logging.getLogger("mobileformer_det").warning(message)
+    if cfg.MODEL.DEVICE.startswith("cpu") and comm.get_local_size() > 1:
+        # Each process would take every core of the machine, and together they would thrash.
+        torch.set_num_threads(max(1, torch.get_num_threads() // comm.get_local_size()))
+    # Our package's logger beside Detectron2's: its file log, and the console on process 0 (unless
+    # this process already configured it, before launch).
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mobileformer_det", abbrev_name="mfdet",
+                 configure_stdout=not logger.handlers)
     register_datasets_from_config(cfg)
-    return cfg
-
-
-def main(args):
-    cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         MobileFormerCheckpointer(model, save_dir=cfg.OUTPUT_DIR, variant=cfg.MODEL.MOBILEFORMER.VARIANT).resume_or_load(
@@ -55,5 +64,8 @@ def main(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
+    setup_logger(name="mobileformer_det", abbrev_name="mfdet")
+    cfg = setup_cfg(args.config_file, args.opts)  # once, here: the processes get it as it is
+    processes_on_cpu(cfg, args.num_gpus * args.num_machines)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+           dist_url=args.dist_url, args=(cfg, args))
