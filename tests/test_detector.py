@@ -214,7 +214,7 @@ def test_padding_slots_of_denoising_do_not_change_real_queries():
                                                                            [0.5, 0.5, 0.4, 0.4]])},
                {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
     with torch.no_grad():
-        encoded = model.encode(images)
+        encoded = model.encode_images(images)
         dn = build_denoising_queries(targets, 4, 6, 0.0, 0.4, model.transformer.num_queries, model.transformer.label_embed)
         before, _ = model.transformer(**encoded, denoising=dn)
         padding = ~dn["valid"]

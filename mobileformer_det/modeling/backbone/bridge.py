@@ -5,6 +5,7 @@ Feature maps are ``[N, C, H, W]``. The bridges split C into ``num_heads`` heads 
 feature map itself as keys and values (Mobile->Former) or queries (Mobile<-Former): there are
 no projections on the local side, which keeps their cost at O(M*H*W*C + M*d*C).
 """
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -21,6 +22,22 @@ def _merge_heads(x):
     """``[N, heads, L, C/heads]`` -> ``[N, L, C]``."""
     n, heads, length, ch = x.shape
     return x.transpose(1, 2).reshape(n, length, heads * ch)
+
+
+def _map_to_heads(x, num_heads):
+    """``[N, C, H, W]`` -> ``[N, heads, HW, C/heads]``, a view in either memory format."""
+    n, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(n, h * w, num_heads, c // num_heads).transpose(1, 2)
+    return x.reshape(n, num_heads, c // num_heads, h * w).transpose(2, 3)
+
+
+def _heads_to_map(x, like):
+    """``[N, heads, HW, C/heads]`` -> a map of ``like``'s shape ``[N, C, H, W]`` and memory format."""
+    n, c, h, w = like.shape
+    if like.is_contiguous(memory_format=torch.channels_last):
+        return x.transpose(1, 2).reshape(n, h, w, c).permute(0, 3, 1, 2)
+    return x.transpose(2, 3).reshape(n, c, h, w)
 
 
 class MobileToFormer(nn.Module):
@@ -57,7 +74,7 @@ class MobileToFormer(nn.Module):
         """
         n, c, h, w = x.shape
         q = _split_heads(self.q(tokens), self.num_heads)                          # [N, h, M, C/h]
-        kv = x.reshape(n, self.num_heads, c // self.num_heads, h * w).transpose(2, 3)  # [N, h, HW, C/h]
+        kv = _map_to_heads(x, self.num_heads)                                     # [N, h, HW, C/h]
         attn_mask = None if mask is None else mask.reshape(n, 1, 1, h * w)
         out = F.scaled_dot_product_attention(
             q, kv.to(q.dtype), kv.to(q.dtype), attn_mask=attn_mask, scale=self.scale)
@@ -124,10 +141,8 @@ class FormerToMobile(nn.Module):
         Returns:
             ``[N, C, H, W]``.
         """
-        n, c, h, w = x.shape
-        q = x.reshape(n, self.num_heads, c // self.num_heads, h * w).transpose(2, 3)  # [N, h, HW, C/h]
+        q = _map_to_heads(x, self.num_heads)                                      # [N, h, HW, C/h]
         k = _split_heads(self.k(tokens), self.num_heads).to(q.dtype)              # [N, h, M, C/h]
         v = _split_heads(self.v(tokens), self.num_heads).to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)           # [N, h, HW, C/h]
-        out = out.transpose(2, 3).reshape(n, c, h, w)
-        return x + self.drop_path(out)
+        return x + self.drop_path(_heads_to_map(out, x))

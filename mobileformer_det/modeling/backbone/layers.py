@@ -38,6 +38,9 @@ def zero_padding(x, mask):
 def channel_shuffle(x, groups):
     """ShuffleNet's channel shuffle: ``[N, g*k, H, W]`` viewed as ``[N, g, k, H, W]``, transposed to k-major."""
     n, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last):  # keep the memory format
+        nhwc = x.permute(0, 2, 3, 1).reshape(n, h, w, groups, c // groups).transpose(3, 4)
+        return nhwc.reshape(n, h, w, c).permute(0, 3, 1, 2)
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 

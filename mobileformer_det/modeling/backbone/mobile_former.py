@@ -143,6 +143,8 @@ class MobileFormer(Backbone):
 
         init_reference_weights(self)
         self.freeze(freeze_at)
+        # Memory format of the maps; channels_last is set for inference (see modeling/inference.py).
+        self.memory_format = torch.contiguous_format
 
     @property
     def size_divisibility(self):
@@ -186,7 +188,7 @@ class MobileFormer(Backbone):
             tokens ``[N, M, d]`` after the final Mobile->Former).
         """
         outputs = {}
-        x = F.relu6(self.stem(x))
+        x = F.relu6(self.stem(x.contiguous(memory_format=self.memory_format)))
         tokens = self.tokens.unsqueeze(0).expand(x.shape[0], -1, -1)
         stride = 2
         mask_in = None if image_sizes is None else valid_mask(image_sizes, stride, *x.shape[-2:])

@@ -14,7 +14,7 @@ from ..backbone.layers import valid_mask
 from .position_encoding import sine_embed_mask
 from .transformer import Transformer
 
-__all__ = ["MFDETR"]
+__all__ = ["MFDETR", "top_detections"]
 
 
 class Neck(nn.Module):
@@ -134,53 +134,59 @@ class MFDETR(nn.Module):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
-    def encode(self, images):
+    def encode(self, images, image_sizes=None):
         """Backbone + neck, flattened for the transformer.
 
         Args:
-            images: an ``ImageList``.
+            images: ``[N, 3, H, W]`` normalised, zero-padded images.
+            image_sizes: ``[N, 2]`` int tensor of each image's (h, w) before padding, or None when
+                no image is padded (then no mask is computed anywhere).
         Returns a dict: ``memory`` ``[N, S, dim]`` (with the level embedding), ``pos`` ``[N, S, dim]``
         (sine position encoding; None without an encoder), ``padding_mask`` ``[N, S]`` (True on
-        padding), ``spatial_shapes`` list of (H_l, W_l), ``valid_ratios`` ``[N, L, 2]``,
-        ``tokens``/``token_pos`` ``[N, M, dim]``.
+        padding; None without padding), ``spatial_shapes`` list of (H_l, W_l), ``valid_ratios``
+        ``[N, L, 2]``, ``tokens``/``token_pos`` ``[N, M, dim]``.
         """
-        sizes = torch.tensor([[int(h), int(w)] for h, w in images.image_sizes], device=self.device)
-        padded = any(tuple(size) != tuple(images.tensor.shape[-2:]) for size in images.image_sizes)
-        features = self.backbone(images.tensor, sizes if padded else None)
+        features = self.backbone(images, image_sizes)
         tokens = self.token_proj(features["tokens"])
         if not self.use_tokens:
             tokens = tokens * 0.0  # not zeros_like: the projection stays in the graph, as DDP requires
         strides = [self.backbone.output_shape()[f].stride for f in self.in_features]
         last = strides[-1]
         maps = self.neck([features[f] for f in self.in_features],
-                         lambda k, h, w: valid_mask(sizes, last * k, h, w))
+                         None if image_sizes is None else lambda k, h, w: valid_mask(image_sizes, last * k, h, w))
         strides += [last * 2 ** (i + 1) for i in range(len(maps) - len(strides))]
+        n = images.shape[0]
         memory, pos, masks, shapes, ratios = [], [], [], [], []
         for lvl, (x, stride) in enumerate(zip(maps, strides)):
             h, w = x.shape[-2:]
-            m = ~valid_mask(sizes, stride, h, w)[:, 0]
             shapes.append((h, w))
-            valid_h = (~m[:, :, 0]).sum(1).float() / h
-            valid_w = (~m[:, 0, :]).sum(1).float() / w
-            ratios.append(torch.stack([valid_w, valid_h], -1))
             # The level embedding is added to the features themselves: the decoder and the proposal
             # heads read them without positions (deformable attention samples each level apart).
             memory.append(x.flatten(2).transpose(1, 2) + self.level_embed[lvl].to(x.dtype))
+            m = torch.zeros(n, h, w, dtype=torch.bool, device=x.device) if image_sizes is None \
+                else ~valid_mask(image_sizes, stride, h, w)[:, 0]
+            if image_sizes is not None:
+                masks.append(m.flatten(1))
+                ratios.append(torch.stack([(~m[:, 0, :]).sum(1).float() / w, (~m[:, :, 0]).sum(1).float() / h], -1))
             if self.transformer.encoder:  # only the encoder uses positions on the map
                 pos.append(sine_embed_mask(m, x.shape[1] // 2).to(x.dtype).flatten(2).transpose(1, 2))
-            masks.append(m.flatten(1))
-        n = images.tensor.shape[0]
         return {
             "memory": torch.cat(memory, 1), "pos": torch.cat(pos, 1) if pos else None,
-            "padding_mask": torch.cat(masks, 1),
-            "spatial_shapes": shapes, "valid_ratios": torch.stack(ratios, 1),
+            "padding_mask": torch.cat(masks, 1) if masks else None, "spatial_shapes": shapes,
+            "valid_ratios": torch.stack(ratios, 1) if ratios else torch.ones(n, len(maps), 2, device=images.device),
             "tokens": tokens, "token_pos": self.token_pos.weight[None].expand(n, -1, -1).to(tokens.dtype),
         }
+
+    def encode_images(self, images):
+        """``encode`` of an ``ImageList``: masks only when some image is padded (decided on the host)."""
+        padded = any(tuple(size) != tuple(images.tensor.shape[-2:]) for size in images.image_sizes)
+        sizes = torch.tensor([[int(h), int(w)] for h, w in images.image_sizes], device=self.device) if padded else None
+        return self.encode(images.tensor, sizes)
 
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
         if not self.training:
-            outputs, _ = self.transformer(**self.encode(images))
+            outputs, _ = self.transformer(**self.encode_images(images))
             return self.postprocess(outputs[-1], batched_inputs, images.image_sizes)
 
         targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images.image_sizes)
@@ -189,7 +195,7 @@ class MFDETR(nn.Module):
             denoising = build_denoising_queries(
                 targets, self.num_classes, self.dn_number, self.dn_label_noise, self.dn_box_noise,
                 self.transformer.num_queries, self.transformer.label_embed)
-        outputs, enc_outputs = self.transformer(**self.encode(images), denoising=denoising)
+        outputs, enc_outputs = self.transformer(**self.encode_images(images), denoising=denoising)
         return self.criterion(outputs, targets, enc_outputs, denoising)
 
     def postprocess(self, outputs, batched_inputs, image_sizes):
@@ -212,7 +218,7 @@ class MFDETR(nn.Module):
         return targets
 
     def inference(self, logits, boxes, image_sizes):
-        """Top-k over queries x classes.
+        """Top-k over queries x classes (:func:`top_detections`), boxes scaled to each image.
 
         Args:
             logits: ``[N, Q, K]``; boxes: ``[N, Q, 4]`` normalised cxcywh.
@@ -221,13 +227,9 @@ class MFDETR(nn.Module):
             list of ``Instances`` at those sizes.
         """
         results = []
-        prob = logits.float().sigmoid().flatten(1)                                # [N, Q*K]
-        k = min(self.test_topk, prob.shape[1])
-        scores, idx = prob.topk(k, dim=1)
-        query, labels = idx // self.num_classes, idx % self.num_classes
+        scores, labels, boxes = top_detections(logits, boxes, self.test_topk)
         for i, (h, w) in enumerate(image_sizes):
-            b = box_convert(boxes[i, query[i]].float(), "cxcywh", "xyxy")
-            b = b * torch.tensor([w, h, w, h], dtype=b.dtype, device=b.device)
+            b = boxes[i] * torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
             keep = scores[i] > self.test_score_thresh
             r = Instances((h, w))
             r.pred_boxes = Boxes(b[keep])
@@ -236,3 +238,20 @@ class MFDETR(nn.Module):
             r.pred_classes = labels[i][keep]
             results.append(r)
         return results
+
+
+def top_detections(logits, boxes, k):
+    """The ``k`` best (query, class) pairs of each image (sigmoid scores, as in Deformable DETR).
+
+    Args:
+        logits: ``[N, Q, K]``; boxes: ``[N, Q, 4]`` normalised cxcywh.
+    Returns:
+        scores ``[N, k']`` (descending), labels ``[N, k']`` int64, boxes ``[N, k', 4]`` normalised
+        xyxy, with ``k' = min(k, Q * K)``.
+    """
+    num_classes = logits.shape[-1]
+    prob = logits.float().sigmoid().flatten(1)                                    # [N, Q*K]
+    scores, index = prob.topk(min(k, prob.shape[1]), dim=1)
+    query = torch.div(index, num_classes, rounding_mode="floor")
+    boxes = torch.gather(boxes.float(), 1, query[..., None].expand(-1, -1, 4))
+    return scores, index % num_classes, box_convert(boxes, "cxcywh", "xyxy")

@@ -77,7 +77,7 @@ class DecoderLayer(nn.Module):
         Args:
             query, query_pos: ``[N, Q, dim]``.
             reference: ``[N, Q, L, 4]`` boxes (cx, cy, w, h) normalised to each padded level.
-            memory: ``[N, S, dim]``; padding_mask ``[N, S]``.
+            memory: ``[N, S, dim]``; padding_mask ``[N, S]`` or None.
             tokens, token_pos: ``[N, M, dim]``, the projected global tokens and their embeddings.
             self_attn_mask: optional ``[N * heads, Q, Q]`` bool, True where a query may not look (denoising).
         Returns:
@@ -158,6 +158,7 @@ class Transformer(nn.Module):
     def _select_queries(self, memory, padding_mask, spatial_shapes, valid_ratios):
         """Two-stage: score every position, keep the top ``num_queries`` as reference boxes.
 
+        The box head runs on the selected positions only (its outputs elsewhere are never used).
         Returns (reference boxes ``[N, Q, 4]`` in sigmoid space, detached; encoder outputs
         ``{"pred_logits": [N, Q, K], "pred_boxes": [N, Q, 4]}`` of the selected positions).
         """
@@ -166,24 +167,28 @@ class Transformer(nn.Module):
             torch.full((h * w,), 0.05 * 2.0 ** lvl, device=memory.device) for lvl, (h, w) in enumerate(spatial_shapes)
         ])
         anchors = torch.cat([centres, level_sizes[None, :, None].expand(*centres.shape[:2], 2)], -1)
-        valid = ~padding_mask & ((anchors > 0.01) & (anchors < 0.99)).all(-1)
-        anchors = inverse_sigmoid(anchors).masked_fill(~valid[..., None], 0.0)
+        valid = ((anchors > 0.01) & (anchors < 0.99)).all(-1)
+        if padding_mask is not None:
+            valid = valid & ~padding_mask
         output = self.enc_output(memory.masked_fill(~valid[..., None], 0.0))
         logits = self.enc_class_head(output)
-        boxes = self.enc_box_head(output) + anchors                              # sigmoid space
         scores = logits.max(-1)[0].masked_fill(~valid, float("-inf"))
         k = min(self.num_queries, scores.shape[1])
         topk = scores.topk(k, dim=1)[1]
-        boxes = torch.gather(boxes, 1, topk[..., None].expand(-1, -1, 4))
-        logits = torch.gather(logits, 1, topk[..., None].expand(-1, -1, logits.shape[-1]))
-        return boxes.detach().sigmoid(), {"pred_logits": logits, "pred_boxes": boxes.sigmoid()}
+
+        def gather(x):
+            return torch.gather(x, 1, topk[..., None].expand(-1, -1, x.shape[-1]))
+
+        anchors = inverse_sigmoid(gather(anchors)).masked_fill(~torch.gather(valid, 1, topk)[..., None], 0.0)
+        boxes = self.enc_box_head(gather(output)) + anchors                      # sigmoid space
+        return boxes.detach().sigmoid(), {"pred_logits": gather(logits), "pred_boxes": boxes.sigmoid()}
 
     def forward(self, memory, pos, padding_mask, spatial_shapes, valid_ratios, tokens, token_pos, denoising=None):
         """
         Args:
             memory: ``[N, S, dim]`` flattened maps of all levels; pos: their position encoding
                 (used by the encoder only).
-            padding_mask: ``[N, S]`` bool, True on padding.
+            padding_mask: ``[N, S]`` bool, True on padding; None when no image is padded.
             spatial_shapes: list of ``(H_l, W_l)``.
             valid_ratios: ``[N, L, 2]`` valid width and height of each level over its padded size.
             tokens, token_pos: ``[N, M, dim]``.
