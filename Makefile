@@ -12,14 +12,17 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.py tools/install_detectron2.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,export]"
 	$(PY) tools/install_detectron2.py
 	touch $@
 
 toy: setup
-	$(PY) tools/train_net.py --config-file configs/mf_detr_toy.yaml OUTPUT_DIR $(TOY_OUT)
+	@start=$$(date +%s); \
+	$(PY) tools/train_net.py --config-file configs/mf_detr_toy.yaml OUTPUT_DIR $(TOY_OUT) && \
 	$(PY) tools/demo.py --config-file configs/mf_detr_toy.yaml --input "datasets/toy_coco/val/0000*.png" \
-		--output $(TOY_OUT)/demo --opts MODEL.WEIGHTS $(TOY_OUT)/model_final.pth
+		--output $(TOY_OUT)/demo --opts MODEL.WEIGHTS $(TOY_OUT)/model_final.pth && \
+	end=$$(date +%s) && \
+	echo "make toy: training, evaluation and demo took $$(( (end - start) / 60 )) min $$(( (end - start) % 60 )) s on $$(nproc) cores"
 
 test: setup
 	$(PY) -m pytest tests -v -rs --durations=15

@@ -20,5 +20,9 @@ setup(
         "Pillow>=9.0",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7"],
+        # tools/export_onnx.py and the onnxruntime / openvino runtimes of the demo and benchmark
+        "export": ["onnx>=1.14", "onnxruntime>=1.16", "openvino>=2024.0"],
+    },
 )

@@ -78,6 +78,11 @@ def test_demo_fails_when_nothing_is_readable(tmp_path, toy_weights):
     missing = _tool("demo.py", "--config-file", TOY_CONFIG, "--input", bad, "--output", tmp_path / "out",
                     "--opts", "MODEL.WEIGHTS", tmp_path / "none.pth")
     assert missing.returncode == 2 and "does not exist" in missing.stdout + missing.stderr
+    too_few = _tool("demo.py", "--config-file", TOY_CONFIG, "--input", bad, "--output", tmp_path / "out",
+                    "--opts", "MODEL.WEIGHTS", toy_weights, "MODEL.MF_DETR.NUM_CLASSES", 3,
+                    "DATASETS.TOY_ROOT", os.path.join(ROOT, "datasets", "toy_coco"))
+    assert too_few.returncode == 2, too_few.stderr[-2000:]
+    assert "MODEL.MF_DETR.NUM_CLASSES is 3, but dataset 'toy_coco_val' has 4 categories" in too_few.stdout + too_few.stderr
 
 
 def test_analyze_model_smoke():
@@ -93,8 +98,20 @@ def test_benchmark_smoke(task):
                    "DATASETS.TOY_ROOT", os.path.join(ROOT, "datasets", "toy_coco"), "SOLVER.IMS_PER_BATCH", 2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "device: cpu" in result.stdout
-    if task == "eval":
-        assert "ratio (MF-DETR / torchvision)" in result.stdout
+    if task == "eval":  # the default runtimes and torchvision's detector, each with its ratio to the first
+        rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| ")}
+        assert {"MF-DETR mf52 plain", "MF-DETR mf52 torch", "torchvision FRCNN-MobileNetV3-FPN"} <= set(rows)
+        assert "/ plain" in result.stdout and rows["MF-DETR mf52 plain"].rstrip(" |").endswith("1")
+
+
+def test_benchmark_breakdown_lists_every_part():
+    result = _tool("benchmark.py", "--config-file", TOY_CONFIG, "--task", "eval", "--breakdown", "--runs", 1,
+                   "--warmup", 0, "--input-size", 64, 96)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parts = [line.split("|")[1].strip() for line in result.stdout.splitlines() if line.startswith("| ")]
+    for part in ("backbone stem", "neck", "query selection (two-stage)", "decoder layer 0", "decoder layer 2",
+                 "post-processing (top-k, boxes)", "total"):
+        assert part in parts, (part, result.stdout)
 
 
 @pytest.mark.slow

@@ -15,13 +15,13 @@ import math
 
 import torch
 from detectron2.modeling import build_model
-from detectron2.utils.analysis import FlopCountAnalysis, parameter_count_table
+from detectron2.utils.analysis import parameter_count_table
 from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
 
 from mobileformer_det import setup_cfg
 from mobileformer_det.modeling import VARIANTS, MobileFormer, mobile_former_classifier
-from mobileformer_det.utils.flops import EXTRA_OP_HANDLES, flop_count_analysis
+from mobileformer_det.utils.flops import detector_flops_by_module, flop_count_analysis
 
 # The authors' implementation (github.com/AAboys/MobileFormer) counted with fvcore at 224x224, one
 # multiply-add = one flop: params (M), FLOPs (M). The paper (arXiv 2108.05895) rounds them: 14.0M /
@@ -40,14 +40,8 @@ def default_input_size(cfg):
 
 def detector_flops(model, height, width):
     """Total and per-part GFLOPs of a detector on one ``height x width`` image."""
-    image = torch.zeros(3, height, width, dtype=torch.uint8)
-    analysis = FlopCountAnalysis(model, [{"image": image}]).set_op_handle(**EXTRA_OP_HANDLES)
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    by_module = analysis.by_module()
-    prefix = "model." if "model.backbone" in by_module else ""
-    parts = {p: by_module.get(prefix + p, 0) / 1e9 for p in ("backbone", "neck", "transformer")}
-    return analysis.total() / 1e9, parts
+    total, by_module = detector_flops_by_module(model, height, width)
+    return total, {p: by_module.get(p, 0.0) for p in ("backbone", "neck", "transformer")}
 
 
 def count_params(module):

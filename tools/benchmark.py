@@ -3,19 +3,27 @@
 
     python tools/benchmark.py --config-file configs/mf_detr_294m.yaml --task eval --input-size 640 640 \
         --compare-size 800 800
+    python tools/benchmark.py --config-file configs/mf_detr.yaml --task eval --input-size 800 1216 \
+        --runtime plain torch onnxruntime openvino --batch-sizes 1
+    python tools/benchmark.py --config-file configs/mf_detr.yaml --task eval --input-size 800 1216 --breakdown
     python tools/benchmark.py --config-file configs/mf_detr_toy.yaml --task train
     python tools/benchmark.py --config-file configs/mf_detr_toy.yaml --task data
 
 ``train`` times the trainer's own step (forward, backward, clipping, optimizer; AMP with ``--amp``
-on CUDA) on a synthetic batch. ``eval`` times batch 1 and batch 8 (median and p90 over ``--runs`` after ``--warmup``), and in the
-same run torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` (random weights: speed only) at
-``--compare-size`` (default: the same size), then prints the ratio. On CUDA every timing is
+on CUDA) on a synthetic batch. ``eval`` times each ``--runtime`` at batch 1 and batch 8 (median and
+p90 over ``--runs`` after ``--warmup``, the runtimes taken in turns) and, in the same run,
+torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` (random weights: speed only) at
+``--compare-size`` (default: the same size), with each one's ratio to the first runtime.
+``--breakdown`` splits one inference into parts, timed by hooks, beside their fvcore GFLOPs. On CUDA every timing is
 synchronised; ``--amp`` runs under autocast (float16 on CUDA, bfloat16 on the CPU).
 """
 import argparse
 import contextlib
+import copy
 import itertools
 import logging
+import os
+import tempfile
 import time
 
 import numpy as np
@@ -61,30 +69,185 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
 
 
+def _runners(args, cfg, model, height, width, tmpdir):
+    """name -> callable(batch size) -> callable() running that runtime on a batch (random images)."""
+    from mobileformer_det.deploy import TensorDetector, _onnx_session, _openvino_model, export_onnx
+    from mobileformer_det.modeling.inference import prepare_for_inference
+
+    device = torch.device(cfg.MODEL.DEVICE)
+    runners = {}
+    for runtime in args.runtime:
+        if runtime in ("plain", "torch"):
+            net = model if runtime == "plain" else prepare_for_inference(copy.deepcopy(model))
+
+            def make(batch, net=net):
+                inputs = [{"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8), "height": height,
+                           "width": width} for _ in range(batch)]
+                return lambda: net(inputs)
+        elif runtime == "compile":
+            net = torch.compile(TensorDetector(prepare_for_inference(copy.deepcopy(model))), dynamic=False)
+
+            def make(batch, net=net):
+                images = torch.randint(0, 256, (batch, 3, height, width), device=device).float()
+                return lambda: net(images)
+        else:
+            path = args.onnx or os.path.join(tmpdir, "model.onnx")
+            if not args.onnx and not os.path.exists(path):
+                export_onnx(prepare_for_inference(copy.deepcopy(model), channels_last=False), path, height, width,
+                            dynamic_batch=True)
+            run = (_onnx_session if runtime == "onnxruntime" else _openvino_model)(path, torch.get_num_threads())
+
+            def make(batch, run=run):
+                images = np.random.randint(0, 256, (batch, 3, height, width)).astype(np.float32)
+                return lambda: run(images)
+        runners[f"MF-DETR {cfg.MODEL.MOBILEFORMER.VARIANT} {runtime}"] = ((height, width), make)
+    return runners
+
+
 def bench_eval(args, cfg):
+    """Latency of each ``--runtime`` and of torchvision's detector, interleaved run by run."""
+    import torchvision
+
     device = torch.device(cfg.MODEL.DEVICE)
     height, width = args.input_size or (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST)
     comp_h, comp_w = args.compare_size or (height, width)
     model = build_model(cfg).eval()
-    import torchvision
-
     reference = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
         weights=None, weights_backbone=None, min_size=min(comp_h, comp_w), max_size=max(comp_h, comp_w),
     ).eval().to(device)
+
+    def make_reference(batch):
+        images = [torch.rand(3, comp_h, comp_w, device=device) for _ in range(batch)]
+        return lambda: reference(images)
+
     rows = []
-    for batch in args.batch_sizes:
-        images = [torch.randint(0, 256, (3, height, width), dtype=torch.uint8) for _ in range(batch)]
-        inputs = [{"image": im, "height": height, "width": width} for im in images]
-        ref_inputs = [torch.rand(3, comp_h, comp_w, device=device) for _ in range(batch)]
-        with torch.no_grad(), autocast(device, args.amp):
-            ours = time_fn(lambda: model(inputs), device, args.runs, args.warmup)
-            theirs = time_fn(lambda: reference(ref_inputs), device, args.runs, args.warmup)
-        for name, size, t in ((f"MF-DETR {cfg.MODEL.MOBILEFORMER.VARIANT}", (height, width), ours),
-                              ("torchvision FRCNN-MobileNetV3-FPN", (comp_h, comp_w), theirs)):
-            rows.append([name, f"{size[0]}x{size[1]}", batch, f"{1000 * np.median(t):.1f}",
-                         f"{1000 * np.percentile(t, 90):.1f}", f"{batch / np.median(t):.2f}"])
-        rows.append(["ratio (MF-DETR / torchvision)", "", batch, f"{np.median(ours) / np.median(theirs):.2f}", "", ""])
-    print(tabulate(rows, ["model", "input", "batch", "median ms", "p90 ms", "images/s"], tablefmt="pipe"))
+    with tempfile.TemporaryDirectory() as tmpdir:
+        runners = _runners(args, cfg, model, height, width, tmpdir)
+        runners["torchvision FRCNN-MobileNetV3-FPN"] = ((comp_h, comp_w), make_reference)
+        for batch in args.batch_sizes:
+            calls = {name: make(batch) for name, (_, make) in runners.items()}
+            with torch.no_grad(), autocast(device, args.amp):
+                times = time_interleaved(calls, device, args.runs, args.warmup)
+            first = next(iter(runners))
+            for name, t in times.items():
+                size = runners[name][0]
+                rows.append([name, f"{size[0]}x{size[1]}", batch, f"{1000 * np.median(t):.1f}",
+                             f"{1000 * np.percentile(t, 90):.1f}", f"{batch / np.median(t):.2f}",
+                             f"{np.median(t) / np.median(times[first]):.2f}"])
+    print(tabulate(rows, ["model", "input", "batch", "median ms", "p90 ms", "images/s", f"/ {first.split()[-1]}"],
+                   tablefmt="pipe"))
+
+
+def time_interleaved(calls, device, runs, warmup):
+    """Seconds of ``runs`` calls of each function, taken in turns (a load that comes and goes on a
+    shared machine then hits all of them alike)."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, fn in calls.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: np.array(t) for name, t in times.items()}
+
+
+def _parts(model):
+    """Named parts of MF-DETR for the breakdown: name -> modules (timed by hooks) or a bound method."""
+    backbone, transformer = model.backbone, model.transformer
+    parts = {"preprocess (normalise, pad)": "preprocess_image", "backbone stem": [backbone.stem]}
+    for block, stage in zip(backbone.blocks, backbone._stage_of_block):
+        parts.setdefault(f"backbone {stage}", []).append(block)
+    parts["backbone final Mobile->Former"] = [backbone.final_mobile_to_former]
+    parts["neck"] = [model.neck]
+    parts["token projection"] = [model.token_proj]
+    if len(transformer.encoder):
+        parts["encoder"] = list(transformer.encoder)
+    if transformer.two_stage:
+        parts["query selection (two-stage)"] = "transformer._select_queries"
+    for i, layer in enumerate(transformer.decoder):
+        parts[f"decoder layer {i}"] = [layer]
+    parts["class and box heads"] = list(transformer.class_heads) + list(transformer.box_heads)
+    parts["post-processing (top-k, boxes)"] = "postprocess"
+    return parts
+
+
+def _flops_by_part(model, parts, height, width):
+    from mobileformer_det.utils.flops import detector_flops_by_module
+
+    total, by_module = detector_flops_by_module(model, height, width)
+    names = {module: name for name, module in model.named_modules()}
+    flops = {}
+    for part, target in parts.items():
+        if isinstance(target, str):
+            owner = model.transformer
+            modules = [owner.enc_output, owner.enc_class_head, owner.enc_box_head] if "select" in target else []
+        else:
+            modules = target
+        flops[part] = sum(by_module.get(names[m], 0.0) for m in modules)
+    return flops, total
+
+
+def bench_breakdown(args, cfg):
+    """Milliseconds per part of one image's inference, plain model and prepared (BN folded,
+    channels-last backbone), interleaved, beside each part's GFLOPs."""
+    from mobileformer_det.modeling.inference import prepare_for_inference
+
+    height, width = args.input_size or (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST)
+    plain = build_model(cfg).eval()
+    models = {"plain": plain, "torch": prepare_for_inference(copy.deepcopy(plain))}
+    flops, total_flops = _flops_by_part(plain, _parts(plain), height, width)
+    inputs = [{"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8), "height": height, "width": width}]
+    records, calls = {}, {}
+    for name, model in models.items():
+        seconds, starts = {}, {}
+        for part, target in _parts(model).items():
+            if isinstance(target, str):
+                owner, attr = (model.transformer, target.split(".")[1]) if "." in target else (model, target)
+                setattr(owner, attr, _timed(getattr(owner, attr), part, seconds))
+            else:
+                for module in target:
+                    module.register_forward_pre_hook(
+                        lambda m, i, part=part, starts=starts: starts.__setitem__(part, time.perf_counter()))
+                    module.register_forward_hook(lambda m, i, o, part=part, seconds=seconds, starts=starts: seconds.__setitem__(
+                        part, seconds.get(part, 0.0) + time.perf_counter() - starts[part]))
+        records[name] = []
+
+        def run(model=model, seconds=seconds, record=records[name]):
+            seconds.clear()
+            start = time.perf_counter()
+            model(inputs)
+            record.append(dict(seconds, total=time.perf_counter() - start))
+        calls[name] = run
+    with torch.no_grad():
+        time_interleaved(calls, torch.device(cfg.MODEL.DEVICE), args.runs, args.warmup)
+    medians = {name: {part: 1000 * np.median([r.get(part, 0.0) for r in record[args.warmup:]])
+                      for part in list(flops) + ["total"]} for name, record in records.items()}
+    rows = []
+    for part in list(flops) + ["other (glue, masks, flattening)", "total"]:
+        if part == "other (glue, masks, flattening)":
+            values = {n: m["total"] - sum(v for k, v in m.items() if k != "total") for n, m in medians.items()}
+            part_flops = total_flops - sum(flops.values())
+        else:
+            values = {n: m[part] for n, m in medians.items()}
+            part_flops = total_flops if part == "total" else flops[part]
+        rows.append([part, f"{part_flops:.3f}", f"{values['plain']:.1f}", f"{values['torch']:.1f}",
+                     f"{100 * values['torch'] / medians['torch']['total']:.0f}%"])
+    print(f"\nMF-DETR {cfg.MODEL.MOBILEFORMER.VARIANT} at {height}x{width}, batch 1: median ms per part over "
+          f"{args.runs} interleaved runs (plain: as trained; torch: batch norm folded, channels-last backbone)")
+    print(tabulate(rows, ["part", "GFLOPs", "plain ms", "torch ms", "share (torch)"], tablefmt="pipe"))
+
+
+def _timed(fn, part, current):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        current[part] = current.get(part, 0.0) + time.perf_counter() - start
+        return out
+    return wrapper
 
 
 def _synthetic_batch(cfg, batch, height, width, rng):
@@ -146,6 +309,14 @@ def main(argv=None):
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
     parser.add_argument("--compare-size", nargs=2, type=int, metavar=("H", "W"),
                         help="input size of the torchvision detector (default: --input-size)")
+    parser.add_argument("--runtime", nargs="+", default=["plain", "torch"],
+                        choices=["plain", "torch", "compile", "onnxruntime", "openvino"],
+                        help="eval: plain = the model as trained; torch = batch norm folded, channels-last "
+                             "backbone; compile = that under torch.compile; onnxruntime / openvino = the ONNX "
+                             "export (--onnx, or exported here at --input-size)")
+    parser.add_argument("--onnx", help="an exported graph for the onnxruntime / openvino runtimes")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="eval: milliseconds and GFLOPs per part (backbone stages, neck, selection, decoder layers ...)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--train-batch", type=int, help="training batch (default SOLVER.IMS_PER_BATCH)")
     parser.add_argument("--runs", type=int, default=20)
@@ -165,7 +336,10 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {device} ({name}); torch {torch.__version__}; CPU threads: {torch.get_num_threads()}; "
           f"AMP: {args.amp}; runs: {args.runs} after {args.warmup} warm-up")
-    {"eval": bench_eval, "train": bench_train, "data": bench_data}[args.task](args, cfg)
+    if args.task == "eval" and args.breakdown:
+        bench_breakdown(args, cfg)
+    else:
+        {"eval": bench_eval, "train": bench_train, "data": bench_data}[args.task](args, cfg)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 
     python tools/demo.py --config-file configs/mf_detr_toy.yaml --input img.jpg dir/ "glob/*.png" \
         --output out/ --confidence-threshold 0.5 --opts MODEL.WEIGHTS model_final.pth
+    python tools/demo.py --config-file configs/mf_detr_toy.yaml --input dir/ --output out/ \
+        --runtime onnxruntime --onnx mf_detr_toy.onnx      # the graph of tools/export_onnx.py
 
 For each readable input it writes ``<output>/<name>.png`` (the drawing) and ``<output>/<name>.json``
 (the detections above the threshold: COCO-style ``bbox`` [x, y, w, h] in pixels, ``category_id``
@@ -21,14 +23,13 @@ import numpy as np
 import tqdm
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import _apply_exif_orientation
-from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
 from mobileformer_det import setup_cfg
-from mobileformer_det.checkpoint import MobileFormerCheckpointer
 from mobileformer_det.data import check_num_classes, register_datasets_from_config
+from mobileformer_det.deploy import RUNTIMES, Predictor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -81,6 +82,11 @@ def main(argv=None):
     parser.add_argument("--input", nargs="+", required=True, help="image files, folders or globs")
     parser.add_argument("--output", required=True, help="folder for the drawings and JSON files")
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    parser.add_argument("--runtime", default="torch", choices=RUNTIMES,
+                        help="torch (eager), compile (torch.compile), onnxruntime or openvino (with --onnx)")
+    parser.add_argument("--onnx", help="the graph of tools/export_onnx.py, for --runtime onnxruntime / openvino")
+    parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
+                        help="the network's input size for --runtime compile (images are letterboxed into it)")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     logger = setup_logger(name="demo")
@@ -90,22 +96,26 @@ def main(argv=None):
     cfg = setup_cfg(args.config_file, args.opts)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     if cfg.DATASETS.TEST:  # class names and the dataset's category ids
-        register_datasets_from_config(cfg)
-        if "thing_dataset_id_to_contiguous_id" not in metadata.as_dict():
-            DatasetCatalog.get(metadata.name)  # a COCO-format dataset sets them when loaded
-        check_num_classes(cfg.MODEL.MF_DETR.NUM_CLASSES, metadata.name)
-    if not cfg.MODEL.WEIGHTS:
-        logger.error("no weights: pass --opts MODEL.WEIGHTS path/to/model_final.pth")
+        try:
+            register_datasets_from_config(cfg)
+            if "thing_dataset_id_to_contiguous_id" not in metadata.as_dict():
+                DatasetCatalog.get(metadata.name)  # a COCO-format dataset sets them when loaded
+            check_num_classes(cfg.MODEL.MF_DETR.NUM_CLASSES, metadata.name)
+        except (KeyError, FileNotFoundError, ValueError) as e:
+            logger.error(str(e))
+            return 2
+    if args.runtime in ("torch", "compile"):
+        if not cfg.MODEL.WEIGHTS:
+            logger.error("no weights: pass --opts MODEL.WEIGHTS path/to/model_final.pth")
+            return 2
+        if "://" not in cfg.MODEL.WEIGHTS and not os.path.exists(cfg.MODEL.WEIGHTS):
+            logger.error(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} does not exist (train first, or fix the path)")
+            return 2
+    try:
+        predictor = Predictor(cfg, args.runtime, onnx_path=args.onnx, input_size=args.input_size)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        logger.error(str(e))
         return 2
-    if "://" not in cfg.MODEL.WEIGHTS and not os.path.exists(cfg.MODEL.WEIGHTS):
-        logger.error(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} does not exist (train first, or fix the path)")
-        return 2
-    # DefaultPredictor loads MODEL.WEIGHTS without the variant check: build it empty, load with ours.
-    empty_cfg = cfg.clone()
-    empty_cfg.defrost()
-    empty_cfg.MODEL.WEIGHTS = ""
-    predictor = DefaultPredictor(empty_cfg)
-    MobileFormerCheckpointer(predictor.model, variant=cfg.MODEL.MOBILEFORMER.VARIANT).load(cfg.MODEL.WEIGHTS)
 
     paths = expand_inputs(args.input)
     if not paths:
@@ -121,8 +131,7 @@ def main(argv=None):
             failed.append(path)
             continue
         start = time.perf_counter()
-        # DefaultPredictor takes BGR (OpenCV's order) and converts to the model's RGB itself.
-        instances = predictor(rgb[:, :, ::-1])["instances"].to("cpu")
+        instances = predictor(rgb)
         elapsed = time.perf_counter() - start
         instances = instances[instances.scores >= args.confidence_threshold]
         logger.info(f"{path}: {len(instances)} detections in {elapsed:.3f}s")

@@ -5,6 +5,8 @@ fvcore counts one multiply-add as one flop; so do the paper and the reference's 
 from functools import reduce
 from operator import mul
 
+import torch
+from detectron2.utils.analysis import FlopCountAnalysis as DetectorFlopCountAnalysis
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
@@ -19,9 +21,26 @@ def _sdpa_flop_jit(inputs, outputs):
 EXTRA_OP_HANDLES = {"aten::scaled_dot_product_attention": _sdpa_flop_jit}
 
 
-def flop_count_analysis(model, inputs):
-    """A ``FlopCountAnalysis`` that also counts scaled-dot-product attention; warnings silenced."""
-    analysis = FlopCountAnalysis(model, inputs).set_op_handle(**EXTRA_OP_HANDLES)
+def _quiet(analysis):
+    analysis.set_op_handle(**EXTRA_OP_HANDLES)
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     return analysis
+
+
+def flop_count_analysis(model, inputs):
+    """A ``FlopCountAnalysis`` of a tensor-in model that also counts scaled-dot-product attention;
+    warnings silenced."""
+    return _quiet(FlopCountAnalysis(model, inputs))
+
+
+def detector_flops_by_module(model, height, width):
+    """GFLOPs of a Detectron2 detector (list-of-dicts in, ``Instances`` out) on one ``height x width``
+    image: ``(total, {module name: GFLOPs})`` with the model's own module names ("" = all).
+    Detectron2's ``FlopCountAnalysis`` flattens the inputs and outputs for the tracer."""
+    analysis = _quiet(DetectorFlopCountAnalysis(model, [{"image": torch.zeros(3, height, width, dtype=torch.uint8)}]))
+    by_module = {}
+    for name, flops in analysis.by_module().items():  # the tracing wrapper names the model "model"
+        if name == "" or name == "model" or name.startswith("model."):
+            by_module[name[len("model."):] if name.startswith("model.") else ""] = flops / 1e9
+    return analysis.total() / 1e9, by_module

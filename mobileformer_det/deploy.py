@@ -1,0 +1,191 @@
+"""MF-DETR outside the training code: a tensor-in, tensor-out detector for export, ONNX export, and
+a predictor that runs one of four runtimes (PyTorch eager, torch.compile, ONNX Runtime, OpenVINO)
+and returns the same Detectron2 ``Instances`` whichever it is.
+
+The fixed-size contract of the tensor runtimes: the network sees ``[N, 3, H, W]`` float32 RGB in
+0-255 with no padding mask, H and W fixed when exported. An image of another size is letterboxed:
+resized to fit inside H x W (aspect ratio kept, Detectron2's ``ResizeTransform``), placed at the top
+left and padded with the ImageNet mean colour (zero after normalisation, as the eager model pads);
+the boxes are scaled back. Eager PyTorch instead masks the padding out, so for letterboxed images
+the runtimes agree to about the effect of that padding, and exactly when the image already has the
+network's size after resizing.
+"""
+import os
+
+import numpy as np
+import torch
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from torch import nn
+
+from .checkpoint import MobileFormerCheckpointer
+from .modeling.detr.mf_detr import top_detections
+from .modeling.inference import prepare_for_inference
+
+__all__ = ["TensorDetector", "export_onnx", "Predictor", "RUNTIMES"]
+
+RUNTIMES = ("torch", "compile", "onnxruntime", "openvino")
+
+
+class TensorDetector(nn.Module):
+    """MF-DETR from an image tensor to its top-k detections, with no Python post-processing.
+
+    ``forward(images [N, 3, H, W] float32 RGB 0-255)`` returns ``boxes [N, K, 4]`` (xyxy in input
+    pixels, clipped to the image), ``scores [N, K]`` (descending) and ``labels [N, K]`` (int64,
+    contiguous class index), K = ``MODEL.MF_DETR.TEST_TOPK``. No image is padded: no mask is built.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        m = self.model
+        x = (images - m.pixel_mean) / m.pixel_std
+        outputs, _ = m.transformer(**m.encode(x, None))
+        scores, labels, boxes = top_detections(*outputs[-1], m.test_topk)
+        h, w = images.shape[-2:]
+        boxes = boxes * torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
+        bound = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
+        return torch.minimum(boxes.clamp(min=0), bound), scores, labels
+
+
+def load_model(cfg):
+    """Build the detector of ``cfg``, load ``MODEL.WEIGHTS`` (variant checked) and prepare it for
+    inference (batch norm folded; channels-last backbone)."""
+    model = build_model(cfg)
+    MobileFormerCheckpointer(model, variant=cfg.MODEL.MOBILEFORMER.VARIANT).load(cfg.MODEL.WEIGHTS)
+    return prepare_for_inference(model)
+
+
+def export_onnx(model, path, height, width, dynamic_batch=False, opset=17):
+    """Write ``TensorDetector(model)`` as ONNX (input ``images``; outputs ``boxes``, ``scores``,
+    ``labels``) for ``height x width`` inputs, check it with ``onnx.checker``; returns ``path``.
+
+    ``model`` is an MF-DETR in eval mode; its backbone is put back to contiguous memory (channels
+    last would only add transposes to the graph).
+    """
+    import onnx
+
+    model.eval()
+    model.backbone.to(memory_format=torch.contiguous_format)
+    model.backbone.memory_format = torch.contiguous_format
+    example = torch.zeros(1, 3, height, width, device=model.device)
+    axes = {name: {0: "batch"} for name in ("images", "boxes", "scores", "labels")} if dynamic_batch else None
+    with torch.no_grad():
+        torch.onnx.export(TensorDetector(model), (example,), path, input_names=["images"],
+                          output_names=["boxes", "scores", "labels"], opset_version=opset,
+                          dynamic_axes=axes, dynamo=False)
+    onnx.checker.check_model(onnx.load(path))
+    return path
+
+
+def _onnx_session(path, threads):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return lambda batch: session.run(None, {"images": batch})
+
+
+def _openvino_model(path, threads):
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+    outputs = [compiled.output(name) for name in ("boxes", "scores", "labels")]
+
+    def run(batch):
+        result = compiled(batch)
+        return [result[o] for o in outputs]
+    return run
+
+
+def onnx_input_size(path):
+    """(H, W) of the ``images`` input of an exported graph."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    dims = graph.input[0].type.tensor_type.shape.dim
+    return dims[2].dim_value, dims[3].dim_value
+
+
+class Predictor:
+    """Run MF-DETR on RGB images with one of :data:`RUNTIMES`; returns ``Instances`` (``pred_boxes``
+    in the image's pixels, ``scores``, ``pred_classes``) above ``MODEL.MF_DETR.TEST_SCORE_THRESH``.
+
+    - ``torch``: the Detectron2 model (batch norm folded, channels-last backbone), any image size,
+      Detectron2's test-time resize (``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST``).
+    - ``compile``: :class:`TensorDetector` under ``torch.compile`` at ``input_size``.
+    - ``onnxruntime``, ``openvino``: the graph at ``onnx_path`` (written by :func:`export_onnx`),
+      at its own input size, on the CPU.
+
+    The tensor runtimes letterbox each image into their fixed size (see the module's docstring).
+    """
+
+    def __init__(self, cfg, runtime="torch", onnx_path=None, input_size=None, threads=None):
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        self.runtime, self.score_thresh = runtime, cfg.MODEL.MF_DETR.TEST_SCORE_THRESH
+        self.fill = tuple(cfg.MODEL.PIXEL_MEAN)  # letterbox colour: zero after normalisation
+        self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+        self.device = torch.device(cfg.MODEL.DEVICE)
+        threads = threads or torch.get_num_threads()
+        if runtime in ("onnxruntime", "openvino"):
+            if not onnx_path or not os.path.exists(onnx_path):
+                raise FileNotFoundError(f"--runtime {runtime} needs --onnx model.onnx (tools/export_onnx.py writes it); "
+                                        f"got {onnx_path!r}")
+            self.input_size = onnx_input_size(onnx_path)
+            self._run = (_onnx_session if runtime == "onnxruntime" else _openvino_model)(onnx_path, threads)
+            return
+        self.model = load_model(cfg)
+        if runtime == "compile":
+            if input_size is None:
+                raise ValueError("--runtime compile needs the network's input size (--input-size H W)")
+            self.input_size = tuple(input_size)
+            compiled = torch.compile(TensorDetector(self.model), dynamic=False)
+
+            def run(batch):
+                with torch.no_grad():
+                    return [t.cpu().numpy() for t in compiled(torch.from_numpy(batch).to(self.device))]
+            try:  # compile now (the first call), so that a missing compiler is reported here
+                run(np.zeros((1, 3, *self.input_size), dtype=np.float32))
+            except Exception as e:
+                raise RuntimeError(f"torch.compile failed here ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                                   f"use --runtime torch, or onnxruntime with an exported graph") from e
+            self._run = run
+
+    def __call__(self, rgb):
+        """``rgb``: ``[H, W, 3]`` uint8. Returns ``Instances`` at ``(H, W)``."""
+        height, width = rgb.shape[:2]
+        if self.runtime == "torch":
+            image = self.resize.get_transform(rgb).apply_image(rgb)
+            inputs = {"image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))), "height": height,
+                      "width": width}
+            with torch.no_grad():
+                return self.model([inputs])[0]["instances"].to("cpu")
+        batch, scale = letterbox(rgb, self.input_size, self.fill)
+        boxes, scores, labels = self._run(batch)
+        keep = scores[0] > self.score_thresh
+        result = Instances((height, width))
+        result.pred_boxes = Boxes(torch.from_numpy(boxes[0][keep] / scale).float())
+        result.pred_boxes.clip((height, width))
+        result.scores = torch.from_numpy(scores[0][keep]).float()
+        result.pred_classes = torch.from_numpy(labels[0][keep]).long()
+        return result
+
+
+def letterbox(rgb, size, fill):
+    """``rgb [h, w, 3]`` uint8 resized to fit in ``size`` = (H, W), aspect kept, top left, the rest
+    ``fill``. Returns (``[1, 3, H, W]`` float32 array, the scale factor)."""
+    h, w = rgb.shape[:2]
+    height, width = size
+    scale = min(height / h, width / w)
+    new_h, new_w = min(height, int(round(h * scale))), min(width, int(round(w * scale)))
+    image = rgb if (new_h, new_w) == (h, w) else T.ResizeTransform(h, w, new_h, new_w).apply_image(rgb)
+    canvas = np.empty((height, width, 3), dtype=np.float32)
+    canvas[...] = np.asarray(fill, dtype=np.float32)
+    canvas[:new_h, :new_w] = image
+    return np.ascontiguousarray(canvas.transpose(2, 0, 1)[None]), scale

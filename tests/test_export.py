@@ -1,0 +1,169 @@
+"""Inference outside the training code: batch norm folding and channels-last memory compute what
+the plain model computes; the ONNX export passes the checker; ONNX Runtime, OpenVINO and
+torch.compile give the demo the same detections as eager PyTorch."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
+from PIL import Image
+
+from helpers import ROOT, toy_cfg
+from mobileformer_det.deploy import Predictor, TensorDetector, letterbox
+from mobileformer_det.modeling.inference import prepare_for_inference
+
+TOY_CONFIG = os.path.join(ROOT, "configs", "mf_detr_toy.yaml")
+TOY_ROOT = os.path.join(ROOT, "datasets", "toy_coco")
+
+
+def _subset_files(overfit_toy):
+    """The four images the toy model was trained on (it detects their shapes with confidence)."""
+    return [im["file_name"] for im in json.load(open(overfit_toy["json"]))["images"]]
+
+
+def _rgb(root, name):
+    return np.asarray(Image.open(os.path.join(root, name)).convert("RGB"))
+
+
+def _with_batch_norm_statistics(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["mf52", "mf26", "mf294"])
+def test_folded_batch_norm_and_channels_last_compute_the_same_maps(variant):
+    model = _with_batch_norm_statistics(build_model(toy_cfg("MODEL.MOBILEFORMER.VARIANT", variant)).eval())
+    fast = prepare_for_inference(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.backbone.modules())
+    x = torch.randn(2, 3, 128, 160)
+    for sizes in (None, torch.tensor([[128, 160], [100, 130]])):          # unpadded, and padded with masks
+        with torch.no_grad():
+            expected, got = model.backbone(x, sizes), fast.backbone(x, sizes)
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-4)
+        assert got["res3"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_two_stage_box_head_on_the_selected_positions_only():
+    """The proposals' boxes equal those of the box head run everywhere, then gathered."""
+    torch.manual_seed(0)
+    model = build_model(toy_cfg()).eval()
+    transformer = model.transformer
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)}])
+        encoded = model.encode_images(images)
+        _, proposals = transformer._select_queries(encoded["memory"], encoded["padding_mask"],
+                                                   encoded["spatial_shapes"], encoded["valid_ratios"])
+        calls = []
+        hook = transformer.enc_box_head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+        transformer._select_queries(encoded["memory"], None, encoded["spatial_shapes"], encoded["valid_ratios"])
+        hook.remove()
+    assert calls == [torch.Size([1, transformer.num_queries, transformer.query_embed.weight.shape[1]])]
+    assert proposals["pred_boxes"].shape == (1, transformer.num_queries, 4)
+
+
+def test_tensor_detector_equals_the_detectron2_model(overfit_toy):
+    cfg = toy_cfg("MODEL.WEIGHTS", overfit_toy["weights"])
+    from mobileformer_det.deploy import load_model
+
+    model = load_model(cfg)
+    image = torch.from_numpy(_rgb(overfit_toy["image_root"], _subset_files(overfit_toy)[0]).transpose(2, 0, 1).copy())
+    with torch.no_grad():
+        expected = model([{"image": image}])[0]["instances"]
+        boxes, scores, labels = TensorDetector(model)(image[None].float())
+    keep = scores[0] > model.test_score_thresh
+    torch.testing.assert_close(boxes[0][keep], expected.pred_boxes.tensor, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(scores[0][keep], expected.scores)
+    assert labels[0][keep].tolist() == expected.pred_classes.tolist()
+
+
+def test_letterbox_keeps_the_aspect_and_pads_with_the_mean():
+    rgb = np.full((100, 50, 3), 7, dtype=np.uint8)
+    batch, scale = letterbox(rgb, (128, 160), (1.0, 2.0, 3.0))
+    assert batch.shape == (1, 3, 128, 160) and scale == pytest.approx(1.28)
+    assert (batch[0, :, :128, :64] == 7).all()
+    assert (batch[0, 0, :, 64:] == 1.0).all() and (batch[0, 2, :, 64:] == 3.0).all()
+
+
+def _tool(name, *args, timeout=600):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *map(str, args)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def exported_toy(overfit_toy, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("onnx") / "toy.onnx")
+    log = _tool("export_onnx.py", "--config-file", TOY_CONFIG, "--output", path, "--input-size", 128, 160,
+                "--dynamic-batch", "--opts", "MODEL.WEIGHTS", overfit_toy["weights"])
+    assert "onnx.checker passed" in log and "labels equal: True" in log
+    return path
+
+
+def _demo_detections(out_dir, names):
+    return {n: json.load(open(os.path.join(out_dir, n + ".json")))["detections"] for n in names}
+
+
+@pytest.mark.slow
+def test_runtimes_give_the_demo_the_same_detections(overfit_toy, exported_toy, tmp_path):
+    images = _subset_files(overfit_toy)
+    inputs = [os.path.join(overfit_toy["image_root"], f) for f in images]
+    names = [os.path.splitext(f)[0] for f in images]
+    results = {}
+    for runtime in ("torch", "onnxruntime", "openvino"):
+        out = tmp_path / runtime
+        _tool("demo.py", "--config-file", TOY_CONFIG, "--input", *inputs, "--output", out,
+              "--confidence-threshold", 0.2, "--runtime", runtime, "--onnx", exported_toy,
+              "--opts", "MODEL.WEIGHTS", overfit_toy["weights"], "DATASETS.TOY_ROOT", TOY_ROOT)
+        results[runtime] = _demo_detections(out, names)
+    assert sum(len(d) for d in results["torch"].values()) >= 4
+    for runtime in ("onnxruntime", "openvino"):
+        for name in names:
+            ours, theirs = results["torch"][name], results[runtime][name]
+            assert [d["category_id"] for d in theirs] == [d["category_id"] for d in ours], (runtime, name)
+            for a, b in zip(ours, theirs):
+                assert np.abs(np.array(a["bbox"]) - np.array(b["bbox"])).max() < 0.5
+                assert abs(a["score"] - b["score"]) < 1e-3
+
+
+def test_onnx_runtime_with_a_batch_equals_pytorch(overfit_toy, exported_toy):
+    import onnxruntime as ort
+
+    from mobileformer_det.deploy import load_model
+
+    model = load_model(toy_cfg("MODEL.WEIGHTS", overfit_toy["weights"]))
+    images = torch.stack([torch.from_numpy(_rgb(overfit_toy["image_root"], f).transpose(2, 0, 1).copy())
+                          for f in _subset_files(overfit_toy)[:3]]).float()
+    with torch.no_grad():
+        expected = TensorDetector(model)(images)
+    got = ort.InferenceSession(exported_toy, providers=["CPUExecutionProvider"]).run(None, {"images": images.numpy()})
+    confident = expected[1] > 0.2
+    assert confident.sum() >= 3
+    np.testing.assert_allclose(got[0][confident.numpy()], expected[0][confident].numpy(), atol=0.5)
+    np.testing.assert_allclose(got[1][confident.numpy()], expected[1][confident].numpy(), atol=1e-3)
+    assert (got[2][confident.numpy()] == expected[2][confident].numpy()).all()
+
+
+@pytest.mark.slow
+def test_compiled_runtime_equals_eager(overfit_toy):
+    cfg = toy_cfg("MODEL.WEIGHTS", overfit_toy["weights"])
+    rgb = _rgb(overfit_toy["image_root"], _subset_files(overfit_toy)[0])
+    eager = Predictor(cfg, "torch")(rgb)
+    compiled = Predictor(cfg, "compile", input_size=(128, 160))(rgb)
+    keep = eager.scores > 0.2
+    assert keep.sum() >= 1
+    torch.testing.assert_close(compiled.pred_boxes.tensor[: keep.sum()], eager.pred_boxes.tensor[keep], atol=0.5, rtol=0)
+    torch.testing.assert_close(compiled.scores[: keep.sum()], eager.scores[keep], atol=1e-3, rtol=0)
+    assert compiled.pred_classes[: keep.sum()].tolist() == eager.pred_classes[keep].tolist()
