@@ -20,6 +20,8 @@ def worker(out_dir):
         with open(os.path.join(out_dir, "report.json"), "w") as f:
             json.dump({"world_size": comm.get_world_size(), "num_boxes": [g[0] for g in gathered],
                        "empty": [g[1] for g in gathered]}, f)
+    comm.synchronize()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -55,10 +55,16 @@ def main(cfg, args):
             cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         verify_results(cfg, results)
-        return results
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    else:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        results = trainer.train()
+    if comm.get_world_size() > 1:
+        # Leave together and close the process groups: a process that exits while gloo still holds
+        # its peers' connections can abort ("terminate called without an active exception").
+        comm.synchronize()
+        torch.distributed.destroy_process_group()
+    return results
 
 
 if __name__ == "__main__":
