@@ -104,6 +104,17 @@ def test_benchmark_smoke(task):
         assert "/ plain" in result.stdout and rows["MF-DETR mf52 plain"].rstrip(" |").endswith("1")
 
 
+def test_benchmark_table_of_the_seven_variants():
+    result = _tool("benchmark.py", "--config-file", TOY_CONFIG, "--task", "variants", "--runtime", "torch",
+                   "--runs", 1, "--warmup", 0, "--input-size", 64, 96)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in result.stdout.splitlines()
+            if line.startswith("| mf")}
+    assert list(rows) == ["mf508", "mf294", "mf214", "mf151", "mf96", "mf52", "mf26"]
+    params = [float(r[0]) for r in rows.values()]
+    assert params == sorted(params, reverse=True) and all(float(r[2]) > 0 for r in rows.values())
+
+
 def test_benchmark_breakdown_lists_every_part():
     result = _tool("benchmark.py", "--config-file", TOY_CONFIG, "--task", "eval", "--breakdown", "--runs", 1,
                    "--warmup", 0, "--input-size", 64, 96)

@@ -6,6 +6,8 @@
     python tools/benchmark.py --config-file configs/mf_detr.yaml --task eval --input-size 800 1216 \
         --runtime plain torch onnxruntime openvino --batch-sizes 1
     python tools/benchmark.py --config-file configs/mf_detr.yaml --task eval --input-size 800 1216 --breakdown
+    python tools/benchmark.py --config-file configs/mf_detr.yaml --task variants --input-size 640 640 \
+        --runtime torch onnxruntime
     python tools/benchmark.py --config-file configs/mf_detr_toy.yaml --task train
     python tools/benchmark.py --config-file configs/mf_detr_toy.yaml --task data
 
@@ -14,7 +16,8 @@ on CUDA) on a synthetic batch. ``eval`` times each ``--runtime`` at batch 1 and 
 p90 over ``--runs`` after ``--warmup``, the runtimes taken in turns) and, in the same run,
 torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` (random weights: speed only) at
 ``--compare-size`` (default: the same size), with each one's ratio to the first runtime.
-``--breakdown`` splits one inference into parts, timed by hooks, beside their fvcore GFLOPs. On CUDA every timing is
+``variants`` builds the config's detector on each of the seven backbones and prints parameters,
+GFLOPs and the latency of each ``--runtime`` at batch 1. ``--breakdown`` splits one inference into parts, timed by hooks, beside their fvcore GFLOPs. On CUDA every timing is
 synchronised; ``--amp`` runs under autocast (float16 on CUDA, bfloat16 on the CPU).
 """
 import argparse
@@ -286,6 +289,33 @@ def bench_train(args, cfg):
     print(tabulate(rows, headers + (["peak GiB"] if device.type == "cuda" else []), tablefmt="pipe"))
 
 
+def bench_variants(args, cfg):
+    """The config's detector on every Mobile-Former variant: parameters, GFLOPs and the median
+    latency of each ``--runtime`` (taken in turns) at ``--input-size``, batch 1."""
+    from mobileformer_det.modeling import VARIANTS
+    from mobileformer_det.utils.flops import detector_flops_by_module
+
+    height, width = args.input_size or (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        for variant in VARIANTS:
+            c = cfg.clone()
+            c.defrost()
+            c.MODEL.MOBILEFORMER.VARIANT = variant
+            model = build_model(c).eval()
+            params = sum(p.numel() for p in model.parameters()) / 1e6
+            gflops, _ = detector_flops_by_module(model, height, width)
+            os.makedirs(os.path.join(tmpdir, variant))
+            runners = _runners(args, c, model, height, width, os.path.join(tmpdir, variant))
+            with torch.no_grad():
+                times = time_interleaved({name: make(1) for name, (_, make) in runners.items()},
+                                         torch.device(c.MODEL.DEVICE), args.runs, args.warmup)
+            medians = [1000 * np.median(t) for t in times.values()]
+            rows.append([variant, f"{params:.2f}", f"{gflops:.2f}", *(f"{m:.1f}" for m in medians)])
+    print(f"\nMF-DETR ({args.config_file}) on each backbone at {height}x{width}, batch 1:")
+    print(tabulate(rows, ["variant", "params (M)", "GFLOPs", *(f"{r} ms" for r in args.runtime)], tablefmt="pipe"))
+
+
 def bench_data(args, cfg):
     from mobileformer_det.data import register_datasets_from_config
 
@@ -305,7 +335,7 @@ def bench_data(args, cfg):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--task", choices=["eval", "train", "data"], default="eval")
+    parser.add_argument("--task", choices=["eval", "train", "data", "variants"], default="eval")
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
     parser.add_argument("--compare-size", nargs=2, type=int, metavar=("H", "W"),
                         help="input size of the torchvision detector (default: --input-size)")
@@ -326,6 +356,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
+    if args.task == "variants" and args.onnx:
+        parser.error("--task variants exports each variant's graph itself: drop --onnx")
     setup_logger(name="fvcore")
     logging.getLogger("detectron2").setLevel(logging.WARNING)
     if args.threads:
@@ -339,7 +371,7 @@ def main(argv=None):
     if args.task == "eval" and args.breakdown:
         bench_breakdown(args, cfg)
     else:
-        {"eval": bench_eval, "train": bench_train, "data": bench_data}[args.task](args, cfg)
+        {"eval": bench_eval, "train": bench_train, "data": bench_data, "variants": bench_variants}[args.task](args, cfg)
 
 
 if __name__ == "__main__":
