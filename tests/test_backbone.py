@@ -6,12 +6,11 @@ import sys
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_backbone
 
 from helpers import reference_input, synthetic_official_state_dict
-from mobileformer_det import add_mobileformer_config
+from mobileformer_det import setup_cfg
 from mobileformer_det.checkpoint import MobileFormerCheckpointer, convert_official_state_dict
 from mobileformer_det.modeling import VARIANTS, MobileFormer, mobile_former_classifier
 from mobileformer_det.utils.flops import flop_count_analysis
@@ -34,11 +33,8 @@ REFERENCE_COUNTS = {
 
 
 def backbone_cfg(variant="mf294", **overrides):
-    cfg = get_cfg()
-    add_mobileformer_config(cfg)
-    cfg.MODEL.MOBILEFORMER.VARIANT = variant
-    cfg.MODEL.BACKBONE.NAME = "build_mobileformer_backbone"
-    cfg.MODEL.MOBILEFORMER.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg = setup_cfg(opts=["MODEL.MOBILEFORMER.VARIANT", variant, "MODEL.BACKBONE.NAME", "build_mobileformer_backbone",
+                          "MODEL.MOBILEFORMER.OUT_FEATURES", ["res2", "res3", "res4", "res5"]], freeze=False)
     for key, value in overrides.items():
         setattr(cfg.MODEL.MOBILEFORMER, key, value)
     return cfg
