@@ -1,15 +1,27 @@
 #!/usr/bin/env python
-"""Run MF-DETR on images and draw its detections with Detectron2's Visualizer.
+"""Run MF-DETR on images, videos or a camera and draw its detections with Detectron2's visualizers.
 
     python tools/demo.py --config-file configs/mf_detr_toy.yaml --input img.jpg dir/ "glob/*.png" \
         --output out/ --confidence-threshold 0.5 --opts MODEL.WEIGHTS model_final.pth
+    python tools/demo.py --config-file configs/mf_detr_toy.yaml --video-input clip.mp4 --output out/ \
+        --opts MODEL.WEIGHTS model_final.pth
+    python tools/demo.py --config-file configs/mf_detr_toy.yaml --webcam --opts MODEL.WEIGHTS model_final.pth
     python tools/demo.py --config-file configs/mf_detr_toy.yaml --input dir/ --output out/ \
         --runtime onnxruntime --onnx mf_detr_toy.onnx      # the graph of tools/export_onnx.py
 
-For each readable input it writes ``<output>/<name>.png`` (the drawing) and ``<output>/<name>.json``
+For each readable image it writes ``<output>/<name>.png`` (the drawing) and ``<output>/<name>.json``
 (the detections above the threshold: COCO-style ``bbox`` [x, y, w, h] in pixels, ``category_id``
-(the dataset's own id, as in its json), ``category``, ``score``). An unreadable file is reported by name and skipped; the exit code is
-non-zero only when no input could be processed.
+(the dataset's own id, as in its json), ``category``, ``score``). An unreadable file is reported by
+name and skipped; the exit code is non-zero only when no input could be processed.
+
+For a video (``--video-input``) or camera 0 (``--webcam``, until ``q`` or the end of the stream) it
+writes ``<output>/<name>.mp4`` (same size and frame rate, drawn with ``VideoVisualizer``, whose
+colours stay with an object from frame to frame) and ``<output>/<name>.jsonl``, one line per frame:
+``{"frame": i, "time_s": t, "detections": [...]}`` (``name`` is the video's, or ``webcam``).
+Without ``--output`` the frames are shown in a window (a display and OpenCV's GUI needed). A video
+that cannot be opened, or no camera, is an error (exit 2) before the model is loaded; a frame that
+cannot be decoded ends the video there: the frames before it are kept, the files are closed and
+playable, and the exit code is 1.
 """
 import argparse
 import glob
@@ -19,11 +31,13 @@ import os
 import sys
 import time
 
+import cv2
 import numpy as np
 import tqdm
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import _apply_exif_orientation
 from detectron2.utils.logger import setup_logger
+from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
@@ -79,8 +93,12 @@ def detections_to_json(instances, metadata):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--input", nargs="+", required=True, help="image files, folders or globs")
-    parser.add_argument("--output", required=True, help="folder for the drawings and JSON files")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", nargs="+", help="image files, folders or globs")
+    source.add_argument("--video-input", metavar="PATH", help="a video file")
+    source.add_argument("--webcam", action="store_true", help="camera 0, until q or the end of the stream")
+    parser.add_argument("--output", help="folder for the drawings and JSON files (images: required; videos: "
+                                         "without it the frames are shown in a window)")
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
     parser.add_argument("--runtime", default="torch", choices=RUNTIMES,
                         help="torch (eager), compile (torch.compile), onnxruntime or openvino (with --onnx)")
@@ -89,9 +107,23 @@ def main(argv=None):
                         help="the network's input size for --runtime compile (images are letterboxed into it)")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
+    if args.input and not args.output:
+        parser.error("--input needs --output DIR (the folder for the drawings and JSON files)")
     logger = setup_logger(name="demo")
     setup_logger(name="mobileformer_det", abbrev_name="mfdet")
     logging.getLogger("fvcore").setLevel(logging.WARNING)
+
+    capture = None
+    if args.video_input or args.webcam:  # the source and the display first: no model is loaded for nothing
+        problem = None if args.output else no_window_reason()
+        if problem:
+            logger.error(problem)
+            return 2
+        capture = cv2.VideoCapture(args.video_input if args.video_input else 0)
+        if not capture.isOpened():
+            logger.error(f"cannot open the video {args.video_input!r} (missing, or not a video OpenCV can read)"
+                         if args.video_input else "cannot open camera 0: no camera on this machine, or it is in use")
+            return 2
 
     cfg = setup_cfg(args.config_file, args.opts)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
@@ -117,6 +149,13 @@ def main(argv=None):
         logger.error(str(e))
         return 2
 
+    if capture is not None:
+        name = os.path.splitext(os.path.basename(args.video_input))[0] if args.video_input else "webcam"
+        return run_stream(capture, name, args.video_input or "camera 0", predictor, metadata, args, logger)
+    return run_images(predictor, metadata, args, logger)
+
+
+def run_images(predictor, metadata, args, logger):
     paths = expand_inputs(args.input)
     if not paths:
         logger.error(f"no image found in {args.input}")
@@ -143,6 +182,78 @@ def main(argv=None):
         done += 1
     logger.info(f"{done} image(s) written to {args.output}; {len(failed)} unreadable: {failed}")
     return 0 if done else 1
+
+
+def no_window_reason():
+    """Why frames cannot be shown in a window here (None when they can)."""
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return "no display to show the frames in: pass --output DIR to write them to a video and a JSON-lines file"
+    try:
+        cv2.namedWindow("MF-DETR")
+    except cv2.error:
+        return ("this OpenCV has no window support (opencv-python-headless): pass --output DIR, "
+                "or install opencv-python to see the frames")
+    return None
+
+
+def run_stream(capture, name, source, predictor, metadata, args, logger):
+    """Detect on every frame of an opened ``cv2.VideoCapture`` until its end (or ``q`` in the window).
+
+    With ``args.output``: ``<name>.mp4`` (same size and frame rate) and ``<name>.jsonl`` (one line a
+    frame), both closed properly whatever happens. Returns 0, or 1 when a video stopped before its
+    announced frame count (a frame that cannot be decoded).
+    """
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    fps = fps if fps and fps > 0 else 30.0                     # cameras may not say
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))          # <= 0 for cameras and streams
+    size = (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    visualizer = VideoVisualizer(metadata)
+    writer = lines = None
+    if args.output:
+        os.makedirs(args.output, exist_ok=True)
+        video_path = os.path.join(args.output, name + ".mp4")
+        writer = cv2.VideoWriter(video_path, cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+        if not writer.isOpened():
+            logger.error(f"cannot write {video_path!r}")
+            return 2
+        lines = open(os.path.join(args.output, name + ".jsonl"), "w")
+    frames, start = 0, time.perf_counter()
+    try:
+        with tqdm.tqdm(total=total if total > 0 else None, unit="frame", desc=name) as bar:
+            while True:
+                ok, bgr = capture.read()
+                if not ok:
+                    break
+                rgb = np.ascontiguousarray(bgr[:, :, ::-1])
+                instances = predictor(rgb)
+                instances = instances[instances.scores >= args.confidence_threshold]
+                drawing = visualizer.draw_instance_predictions(rgb, instances).get_image()[:, :, ::-1]
+                if writer is not None:
+                    writer.write(np.ascontiguousarray(drawing))
+                    lines.write(json.dumps({"frame": frames, "time_s": round(frames / fps, 6),
+                                            "detections": detections_to_json(instances, metadata)}) + "\n")
+                frames += 1
+                bar.update(1)
+                bar.set_postfix(fps=f"{frames / (time.perf_counter() - start):.2f}")
+                if writer is None:
+                    cv2.imshow("MF-DETR", drawing)
+                    if cv2.waitKey(1) & 0xFF == ord("q"):
+                        break
+    finally:
+        capture.release()
+        if writer is not None:
+            writer.release()
+            lines.close()
+        else:
+            cv2.destroyAllWindows()
+    elapsed = time.perf_counter() - start
+    written = f"; written to {args.output}/{name}.mp4 and .jsonl" if writer is not None else ""
+    logger.info(f"{source}: {frames} frames in {elapsed:.1f}s, {frames / max(elapsed, 1e-9):.2f} frames/s{written}")
+    if 0 < total and frames < total and args.video_input:
+        logger.error(f"{source}: frame {frames} of {total} could not be decoded: stopped there, the {frames} "
+                     f"frames before it are kept")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
