@@ -22,6 +22,13 @@ def worker(out_dir):
                        "empty": [g[1] for g in gathered]}, f)
     comm.synchronize()
     torch.distributed.destroy_process_group()
+    # This process ends within a second of starting gloo; at interpreter exit, C++ teardown then
+    # aborts now and then ("terminate called without an active exception", no Python frame left:
+    # about 1 run in 8 here, also after destroy_process_group). The report is written and both
+    # processes are done: leave without that teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
