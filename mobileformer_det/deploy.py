@@ -23,7 +23,7 @@ from .checkpoint import MobileFormerCheckpointer
 from .modeling.detr.mf_detr import top_detections
 from .modeling.inference import prepare_for_inference
 
-__all__ = ["TensorDetector", "export_onnx", "Predictor", "RUNTIMES"]
+__all__ = ["TensorDetector", "export_onnx", "graph_runner", "Predictor", "RUNTIMES"]
 
 RUNTIMES = ("torch", "compile", "onnxruntime", "openvino")
 
@@ -103,6 +103,12 @@ def _openvino_model(path, threads):
     return run
 
 
+def graph_runner(path, runtime, threads):
+    """A function running the exported graph at ``path`` with ``runtime`` ("onnxruntime" or
+    "openvino") on the CPU: ``[N, 3, H, W]`` float32 array -> [boxes, scores, labels] arrays."""
+    return (_onnx_session if runtime == "onnxruntime" else _openvino_model)(path, threads)
+
+
 def onnx_input_size(path):
     """(H, W) of the ``images`` input of an exported graph."""
     import onnx
@@ -138,7 +144,7 @@ class Predictor:
                 raise FileNotFoundError(f"--runtime {runtime} needs --onnx model.onnx (tools/export_onnx.py writes it); "
                                         f"got {onnx_path!r}")
             self.input_size = onnx_input_size(onnx_path)
-            self._run = (_onnx_session if runtime == "onnxruntime" else _openvino_model)(onnx_path, threads)
+            self._run = graph_runner(onnx_path, runtime, threads)
             return
         self.model = load_model(cfg)
         if runtime == "compile":

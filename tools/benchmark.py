@@ -52,20 +52,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn, device, runs, warmup):
-    """Seconds of each of ``runs`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return np.array(times)
-
-
 def autocast(device, enabled):
     if not enabled:
         return contextlib.nullcontext()
@@ -74,7 +60,7 @@ def autocast(device, enabled):
 
 def _runners(args, cfg, model, height, width, tmpdir):
     """name -> callable(batch size) -> callable() running that runtime on a batch (random images)."""
-    from mobileformer_det.deploy import TensorDetector, _onnx_session, _openvino_model, export_onnx
+    from mobileformer_det.deploy import TensorDetector, export_onnx, graph_runner
     from mobileformer_det.modeling.inference import prepare_for_inference
 
     device = torch.device(cfg.MODEL.DEVICE)
@@ -98,7 +84,7 @@ def _runners(args, cfg, model, height, width, tmpdir):
             if not args.onnx and not os.path.exists(path):
                 export_onnx(prepare_for_inference(copy.deepcopy(model), channels_last=False), path, height, width,
                             dynamic_batch=True)
-            run = (_onnx_session if runtime == "onnxruntime" else _openvino_model)(path, torch.get_num_threads())
+            run = graph_runner(path, runtime, torch.get_num_threads())
 
             def make(batch, run=run):
                 images = np.random.randint(0, 256, (batch, 3, height, width)).astype(np.float32)
@@ -280,7 +266,7 @@ def bench_train(args, cfg):
     step_trainer = (ClippingAMPTrainer if amp else ClippingTrainer)(
         model, itertools.repeat(inputs), optimizer, clip_norm=clip_norm_from_config(cfg), **kwargs)
     with EventStorage():
-        t = time_fn(step_trainer.run_step, device, args.runs, args.warmup)
+        t = time_interleaved({"train": step_trainer.run_step}, device, args.runs, args.warmup)["train"]
     rows = [[f"MF-DETR {cfg.MODEL.MOBILEFORMER.VARIANT}", f"{height}x{width}", batch, len(optimizer.param_groups),
              f"{np.median(t):.3f}", f"{np.percentile(t, 90):.3f}", f"{batch / np.median(t):.2f}"]]
     if device.type == "cuda":

@@ -163,12 +163,14 @@ class MFDETR(nn.Module):
             # The level embedding is added to the features themselves: the decoder and the proposal
             # heads read them without positions (deformable attention samples each level apart).
             memory.append(x.flatten(2).transpose(1, 2) + self.level_embed[lvl].to(x.dtype))
-            m = torch.zeros(n, h, w, dtype=torch.bool, device=x.device) if image_sizes is None \
-                else ~valid_mask(image_sizes, stride, h, w)[:, 0]
-            if image_sizes is not None:
+            if image_sizes is None:
+                m = None
+            else:
+                m = ~valid_mask(image_sizes, stride, h, w)[:, 0]
                 masks.append(m.flatten(1))
                 ratios.append(torch.stack([(~m[:, 0, :]).sum(1).float() / w, (~m[:, :, 0]).sum(1).float() / h], -1))
             if self.transformer.encoder:  # only the encoder uses positions on the map
+                m = torch.zeros(n, h, w, dtype=torch.bool, device=x.device) if m is None else m
                 pos.append(sine_embed_mask(m, x.shape[1] // 2).to(x.dtype).flatten(2).transpose(1, 2))
         return {
             "memory": torch.cat(memory, 1), "pos": torch.cat(pos, 1) if pos else None,
