@@ -48,8 +48,22 @@ def add_mobileformer_config(cfg):
     cfg.MODEL.MF_DETR.DN_NUMBER = 100
     cfg.MODEL.MF_DETR.DN_LABEL_NOISE = 0.2
     cfg.MODEL.MF_DETR.DN_BOX_NOISE = 0.4
-    # Let queries attend to Mobile-Former's global tokens (False zeroes them: an ablation switch).
+    # Let queries attend to Mobile-Former's global tokens. False builds the decoder layers without
+    # that sub-layer (and the backbone without its final Mobile->Former): the ablation.
     cfg.MODEL.MF_DETR.USE_TOKENS = True
+    # Ways to converge faster (README, "What speeds up learning"); all off by default.
+    # DINO's contrastive denoising: each denoising group also holds negative copies (noise between
+    # DN_BOX_NOISE and twice that) with a "no object" target.
+    cfg.MODEL.MF_DETR.DN_NEGATIVES = False
+    # DINO's look-forward-twice box refinement (a layer's boxes keep the previous layer's gradient).
+    cfg.MODEL.MF_DETR.LOOK_FORWARD_TWICE = False
+    # "focal" or "varifocal" (IoU-aware class targets, RT-DETR; VFL_ALPHA weighs the negatives).
+    cfg.MODEL.MF_DETR.CLASS_LOSS = "focal"
+    cfg.MODEL.MF_DETR.VFL_ALPHA = 0.75
+    # H-DETR's hybrid matching: extra training-only queries matched one-to-many (to the targets
+    # repeated ONE2MANY_REPEATS times); 0 = off. Inference is unchanged.
+    cfg.MODEL.MF_DETR.NUM_QUERIES_ONE2MANY = 0
+    cfg.MODEL.MF_DETR.ONE2MANY_REPEATS = 6
     # Class and box heads, box refinement and losses on every decoder layer; False: on the last only
     # (the two-stage proposals keep their loss either way).
     cfg.MODEL.MF_DETR.AUX_LOSS = True
@@ -84,6 +98,8 @@ def add_mobileformer_config(cfg):
     cfg.DATASETS.COCO_FORMAT = []
     # Where the embedded toy dataset is written (generated on first use).
     cfg.DATASETS.TOY_ROOT = "datasets/toy_coco"
+    # Where the second synthetic dataset (crowded scenes, 10 classes) is written.
+    cfg.DATASETS.TOY_CROWD_ROOT = "datasets/toy_crowd"
 
 
 def setup_cfg(config_file=None, opts=(), *, freeze=True):

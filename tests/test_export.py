@@ -64,10 +64,12 @@ def test_two_stage_box_head_on_the_selected_positions_only():
         images = model.preprocess_image([{"image": torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)}])
         encoded = model.encode_images(images)
         _, proposals = transformer._select_queries(encoded["memory"], encoded["padding_mask"],
-                                                   encoded["spatial_shapes"], encoded["valid_ratios"])
+                                                   encoded["spatial_shapes"], encoded["valid_ratios"],
+                                                   transformer.num_queries)
         calls = []
         hook = transformer.enc_box_head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
-        transformer._select_queries(encoded["memory"], None, encoded["spatial_shapes"], encoded["valid_ratios"])
+        transformer._select_queries(encoded["memory"], None, encoded["spatial_shapes"], encoded["valid_ratios"],
+                                    transformer.num_queries)
         hook.remove()
     assert calls == [torch.Size([1, transformer.num_queries, transformer.query_embed.weight.shape[1]])]
     assert proposals["pred_boxes"].shape == (1, transformer.num_queries, 4)

@@ -185,7 +185,7 @@ class MobileFormer(Backbone):
                 kernel), and deciding that from the tensor would wait for the device.
         Returns:
             (dict of every stage map that ``self._out_features`` asks for, final map ``[N, C, H/32, W/32]``,
-            tokens ``[N, M, d]`` after the final Mobile->Former).
+            tokens ``[N, M, d]`` after the final Mobile->Former, or None after :meth:`drop_token_output`).
         """
         outputs = {}
         x = F.relu6(self.stem(x.contiguous(memory_format=self.memory_format)))
@@ -204,7 +204,7 @@ class MobileFormer(Backbone):
             name = self._stage_of_block[i]
             if name in self._out_features and self._stage_ends[name] == i:
                 outputs[name] = zero_padding(x, mask_in)
-        tokens = self.final_mobile_to_former(x, tokens, mask_in)
+        tokens = None if self.final_mobile_to_former is None else self.final_mobile_to_former(x, tokens, mask_in)
         return outputs, x, tokens
 
     def forward(self, x, image_sizes=None):
@@ -218,8 +218,16 @@ class MobileFormer(Backbone):
             ``"tokens" -> [N, M, d]``.
         """
         outputs, _, tokens = self.forward_features(x, image_sizes)
-        outputs["tokens"] = tokens
+        if tokens is not None:
+            outputs["tokens"] = tokens
         return outputs
+
+    def drop_token_output(self):
+        """Stop returning ``tokens`` (for a detector that does not read them): the final
+        Mobile->Former, which only makes them, is removed, so that no parameter is left without a
+        gradient (DistributedDataParallel requires that) and no time is spent on it. Its weights
+        in a checkpoint are then reported as unused."""
+        self.final_mobile_to_former = None
 
 
 @BACKBONE_REGISTRY.register()

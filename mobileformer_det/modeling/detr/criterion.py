@@ -1,9 +1,26 @@
-"""The set loss: sigmoid focal classification, L1 and GIoU on matched boxes, for every decoder layer."""
+"""The set loss: sigmoid focal (or varifocal) classification, L1 and GIoU on matched boxes, for every decoder layer."""
 import torch
 import torch.nn.functional as F
 from detectron2.utils import comm
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss, sigmoid_focal_loss
+
+
+def varifocal_loss(logits, target_scores, alpha=0.75, gamma=2.0):
+    """Varifocal loss (VarifocalNet; RT-DETR's IoU-aware classification), element-wise.
+
+    Binary cross-entropy towards ``target_scores`` (the IoU of a matched query's box with its
+    target for its class, 0 elsewhere), weighted by ``target_scores`` where they are positive and
+    by ``alpha * p ** gamma`` elsewhere.
+
+    Args:
+        logits, target_scores: ``[..., K]``.
+    Returns:
+        ``[..., K]``.
+    """
+    prob = logits.sigmoid().detach()
+    weight = torch.where(target_scores > 0, target_scores, alpha * prob.pow(gamma))
+    return F.binary_cross_entropy_with_logits(logits, target_scores, weight=weight, reduction="none")
 
 
 class SetCriterion(nn.Module):
@@ -11,18 +28,26 @@ class SetCriterion(nn.Module):
 
     ``forward`` returns ``loss_class``, ``loss_bbox``, ``loss_giou`` of the last decoder layer, the
     same with suffix ``_<i>`` for each earlier layer, ``_enc`` for the two-stage proposals and
-    ``_dn`` / ``_dn_<i>`` for the denoising queries, already multiplied by their weights. Object
-    queries are matched to the targets (Hungarian); a denoising query's target is the box it was
-    made from. Every loss is normalised by the number of target boxes over all workers: one
-    all-reduce per step, run by every worker whatever its images hold.
+    ``_dn`` / ``_dn_<i>`` for the denoising queries and ``_o2m`` / ``_o2m_<i>`` for the
+    one-to-many queries, already multiplied by their weights. Object queries are matched to the
+    targets (Hungarian); one-to-many queries to the targets repeated ``one2many_repeats`` times; a
+    denoising query's target is the box it was made from. Every loss is normalised by the number
+    of target boxes over all workers: one all-reduce per step, run by every worker whatever its
+    images hold.
+
+    ``class_loss`` is ``"focal"`` (sigmoid focal loss, Deformable DETR) or ``"varifocal"``
+    (:func:`varifocal_loss` with ``vfl_alpha``: the class target of a matched query is its IoU).
     """
 
     def __init__(self, num_classes, matcher, weight_class=2.0, weight_bbox=5.0, weight_giou=2.0,
-                 focal_alpha=0.25, focal_gamma=2.0):
+                 focal_alpha=0.25, focal_gamma=2.0, class_loss="focal", vfl_alpha=0.75, one2many_repeats=6):
         super().__init__()
+        if class_loss not in ("focal", "varifocal"):
+            raise ValueError(f"MODEL.MF_DETR.CLASS_LOSS must be 'focal' or 'varifocal', got {class_loss!r}")
         self.num_classes, self.matcher = num_classes, matcher
         self.weights = {"loss_class": weight_class, "loss_bbox": weight_bbox, "loss_giou": weight_giou}
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.class_loss, self.vfl_alpha, self.one2many_repeats = class_loss, vfl_alpha, one2many_repeats
 
     @staticmethod
     def num_boxes(targets, device):
@@ -52,25 +77,32 @@ class SetCriterion(nn.Module):
         matched_labels = torch.cat([t["labels"][j.to(device)] for t, (_, j) in zip(targets, indices)])
         matched_boxes = torch.cat([t["boxes"][j.to(device)] for t, (_, j) in zip(targets, indices)]).float()
 
-        target_classes = torch.zeros_like(logits, dtype=torch.float32)
-        target_classes[batch_idx, query_idx, matched_labels] = 1.0
-        focal = sigmoid_focal_loss(logits.float(), target_classes, self.focal_alpha, self.focal_gamma, reduction="none")
-        if query_mask is not None:
-            focal = focal * query_mask[..., None]
         src = boxes[batch_idx, query_idx].float()
+        target_classes = torch.zeros_like(logits, dtype=torch.float32)
+        if self.class_loss == "focal":
+            target_classes[batch_idx, query_idx, matched_labels] = 1.0
+            loss_class = sigmoid_focal_loss(logits.float(), target_classes, self.focal_alpha, self.focal_gamma,
+                                            reduction="none")
+        else:
+            iou = box_iou(box_convert(src.detach(), "cxcywh", "xyxy"), box_convert(matched_boxes, "cxcywh", "xyxy"))
+            target_classes[batch_idx, query_idx, matched_labels] = iou.diagonal().clamp(min=1e-6)
+            loss_class = varifocal_loss(logits.float(), target_classes, self.vfl_alpha, self.focal_gamma)
+        if query_mask is not None:
+            loss_class = loss_class * query_mask[..., None]
         losses = {
-            "loss_class": focal.sum() / normaliser,
+            "loss_class": loss_class.sum() / normaliser,
             "loss_bbox": F.l1_loss(src, matched_boxes, reduction="sum") / normaliser,
             "loss_giou": generalized_box_iou_loss(box_convert(src, "cxcywh", "xyxy"),
                                                   box_convert(matched_boxes, "cxcywh", "xyxy"), reduction="sum") / normaliser,
         }
         return {k: v * self.weights[k] for k, v in losses.items()}
 
-    def forward(self, outputs, targets, enc_outputs=None, denoising=None):
+    def forward(self, outputs, targets, enc_outputs=None, denoising=None, num_one2many=0):
         """
         Args:
-            outputs: list over decoder layers of ``(logits [N, D+Q, K], boxes [N, D+Q, 4])``, last =
-                final; the first D queries are the denoising ones (D = 0 without ``denoising``).
+            outputs: list over decoder layers of ``(logits [N, D+Q+Q2, K], boxes [N, D+Q+Q2, 4])``,
+                last = final; the first D queries are the denoising ones (D = 0 without
+                ``denoising``), the last Q2 = ``num_one2many`` the one-to-many ones.
             targets: list of N dicts: ``labels`` ``[T_i]`` int64, ``boxes`` ``[T_i, 4]`` normalised cxcywh.
             enc_outputs: optional ``{"pred_logits", "pred_boxes"}`` of the two-stage proposals.
             denoising: optional dict of ``build_denoising_queries``.
@@ -78,15 +110,24 @@ class SetCriterion(nn.Module):
             dict of scalar losses.
         """
         num_dn = 0 if denoising is None else denoising["query"].shape[1]
+        end = outputs[-1][0].shape[1] - num_one2many
         num_boxes = self.num_boxes(targets, outputs[-1][0].device)
         last = len(outputs) - 1
-        sets = {("" if i == last else f"_{i}"): (logits[:, num_dn:], boxes[:, num_dn:])
+        sets = {("" if i == last else f"_{i}"): (logits[:, num_dn:end], boxes[:, num_dn:end])
                 for i, (logits, boxes) in enumerate(outputs)}
         if enc_outputs is not None:
             sets["_enc"] = (enc_outputs["pred_logits"], enc_outputs["pred_boxes"])
         losses = {}
         for (suffix, (logits, boxes)), indices in zip(sets.items(), self.matcher(list(sets.values()), targets)):
             losses.update({k + suffix: v for k, v in self.loss_set(logits, boxes, targets, indices, num_boxes).items()})
+        if num_one2many:
+            # H-DETR: every target repeated, matched one-to-one to the extra queries (a second host copy)
+            repeated = [{k: v.repeat(self.one2many_repeats, *[1] * (v.dim() - 1)) for k, v in t.items()} for t in targets]
+            o2m = {("_o2m" if i == last else f"_o2m_{i}"): (logits[:, end:], boxes[:, end:])
+                   for i, (logits, boxes) in enumerate(outputs)}
+            for (suffix, (logits, boxes)), indices in zip(o2m.items(), self.matcher(list(o2m.values()), repeated)):
+                layer = self.loss_set(logits, boxes, repeated, indices, num_boxes * self.one2many_repeats)
+                losses.update({k + suffix: v for k, v in layer.items()})
         if denoising is not None:
             normaliser = num_boxes * max(denoising["num_groups"], 1)
             for i, (logits, boxes) in enumerate(outputs):

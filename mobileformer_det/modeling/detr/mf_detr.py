@@ -68,16 +68,17 @@ class MFDETR(nn.Module):
 
     @configurable
     def __init__(self, *, backbone, in_features, num_classes, transformer, criterion, neck, token_proj,
-                 token_pos, level_embed, pixel_mean, pixel_std, input_format="RGB", use_tokens=True, test_topk=100, test_score_thresh=0.0, dn_number=0, dn_label_noise=0.2,
-                 dn_box_noise=0.4):
+                 token_pos, level_embed, pixel_mean, pixel_std, input_format="RGB", test_topk=100,
+                 test_score_thresh=0.0, dn_number=0, dn_label_noise=0.2, dn_box_noise=0.4, dn_negatives=False):
         super().__init__()
         self.backbone, self.in_features = backbone, list(in_features)
         self.num_classes = num_classes
         self.transformer, self.criterion, self.neck = transformer, criterion, neck
         self.token_proj, self.token_pos, self.level_embed = token_proj, token_pos, level_embed
-        self.input_format, self.use_tokens = input_format, use_tokens
+        self.input_format = input_format
         self.test_topk, self.test_score_thresh = test_topk, test_score_thresh
         self.dn_number, self.dn_label_noise, self.dn_box_noise = dn_number, dn_label_noise, dn_box_noise
+        self.dn_negatives = dn_negatives
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -89,6 +90,8 @@ class MFDETR(nn.Module):
         if cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON:
             raise ValueError("MF-DETR predicts boxes only: set MODEL.MASK_ON False and MODEL.KEYPOINT_ON False")
         backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
+        if not c.USE_TOKENS:
+            backbone.drop_token_output()
         shapes = backbone.output_shape()
         in_features = list(cfg.MODEL.MOBILEFORMER.OUT_FEATURES)
         num_extra = c.NUM_FEATURE_LEVELS - len(in_features)
@@ -107,22 +110,26 @@ class MFDETR(nn.Module):
                 c.HIDDEN_DIM, c.DIM_FEEDFORWARD, c.NUM_FEATURE_LEVELS, c.NUM_QUERIES, c.NUM_CLASSES,
                 enc_layers=c.ENC_LAYERS, dec_layers=c.DEC_LAYERS, num_heads=c.NHEADS, num_points=c.NUM_POINTS,
                 dropout=c.DROPOUT, two_stage=c.TWO_STAGE, denoising=c.DN_NUMBER > 0, aux_loss=c.AUX_LOSS,
+                use_tokens=c.USE_TOKENS, look_forward_twice=c.LOOK_FORWARD_TWICE,
+                num_queries_one2many=c.NUM_QUERIES_ONE2MANY,
             ),
             "criterion": SetCriterion(
                 c.NUM_CLASSES, matcher, c.CLASS_WEIGHT, c.BBOX_WEIGHT, c.GIOU_WEIGHT, c.FOCAL_ALPHA, c.FOCAL_GAMMA,
+                class_loss=c.CLASS_LOSS, vfl_alpha=c.VFL_ALPHA, one2many_repeats=c.ONE2MANY_REPEATS,
             ),
-            "token_proj": nn.Sequential(nn.Linear(backbone.token_dim, c.HIDDEN_DIM), nn.LayerNorm(c.HIDDEN_DIM)),
-            "token_pos": nn.Embedding(backbone.num_tokens, c.HIDDEN_DIM),
+            "token_proj": (nn.Sequential(nn.Linear(backbone.token_dim, c.HIDDEN_DIM), nn.LayerNorm(c.HIDDEN_DIM))
+                           if c.USE_TOKENS else None),
+            "token_pos": nn.Embedding(backbone.num_tokens, c.HIDDEN_DIM) if c.USE_TOKENS else None,
             "level_embed": nn.Parameter(torch.randn(c.NUM_FEATURE_LEVELS, c.HIDDEN_DIM) * 0.02),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
-            "use_tokens": c.USE_TOKENS,
             "test_topk": c.TEST_TOPK,
             "test_score_thresh": c.TEST_SCORE_THRESH,
             "dn_number": c.DN_NUMBER,
             "dn_label_noise": c.DN_LABEL_NOISE,
             "dn_box_noise": c.DN_BOX_NOISE,
+            "dn_negatives": c.DN_NEGATIVES,
         }
 
     @property
@@ -144,12 +151,13 @@ class MFDETR(nn.Module):
         Returns a dict: ``memory`` ``[N, S, dim]`` (with the level embedding), ``pos`` ``[N, S, dim]``
         (sine position encoding; None without an encoder), ``padding_mask`` ``[N, S]`` (True on
         padding; None without padding), ``spatial_shapes`` list of (H_l, W_l), ``valid_ratios``
-        ``[N, L, 2]``, ``tokens``/``token_pos`` ``[N, M, dim]``.
+        ``[N, L, 2]``, ``tokens``/``token_pos`` ``[N, M, dim]`` (None without ``USE_TOKENS``).
         """
         features = self.backbone(images, image_sizes)
-        tokens = self.token_proj(features["tokens"])
-        if not self.use_tokens:
-            tokens = tokens * 0.0  # not zeros_like: the projection stays in the graph, as DDP requires
+        tokens = token_pos = None
+        if self.token_proj is not None:
+            tokens = self.token_proj(features["tokens"])
+            token_pos = self.token_pos.weight[None].expand(images.shape[0], -1, -1).to(tokens.dtype)
         strides = [self.backbone.output_shape()[f].stride for f in self.in_features]
         last = strides[-1]
         maps = self.neck([features[f] for f in self.in_features],
@@ -176,7 +184,7 @@ class MFDETR(nn.Module):
             "memory": torch.cat(memory, 1), "pos": torch.cat(pos, 1) if pos else None,
             "padding_mask": torch.cat(masks, 1) if masks else None, "spatial_shapes": shapes,
             "valid_ratios": torch.stack(ratios, 1) if ratios else torch.ones(n, len(maps), 2, device=images.device),
-            "tokens": tokens, "token_pos": self.token_pos.weight[None].expand(n, -1, -1).to(tokens.dtype),
+            "tokens": tokens, "token_pos": token_pos,
         }
 
     def encode_images(self, images):
@@ -196,9 +204,10 @@ class MFDETR(nn.Module):
         if self.dn_number > 0:  # also when no image has a box: every worker computes the same losses
             denoising = build_denoising_queries(
                 targets, self.num_classes, self.dn_number, self.dn_label_noise, self.dn_box_noise,
-                self.transformer.num_queries, self.transformer.label_embed)
+                self.transformer.num_queries + self.transformer.num_queries_one2many, self.transformer.label_embed,
+                self.dn_negatives)
         outputs, enc_outputs = self.transformer(**self.encode_images(images), denoising=denoising)
-        return self.criterion(outputs, targets, enc_outputs, denoising)
+        return self.criterion(outputs, targets, enc_outputs, denoising, self.transformer.num_queries_one2many)
 
     def postprocess(self, outputs, batched_inputs, image_sizes):
         """Final-layer ``(logits, boxes)`` -> list of ``{"instances"}`` at each input's height/width."""

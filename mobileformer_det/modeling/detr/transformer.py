@@ -60,36 +60,43 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Query self-attention; attention to the global tokens; deformable attention to the maps; FFN."""
+    """Query self-attention; attention to the global tokens (if ``use_tokens``); deformable
+    attention to the maps; FFN. Each attention is followed by a residual and a LayerNorm."""
 
-    def __init__(self, dim, ffn_dim, num_levels, num_heads, num_points, dropout):
+    def __init__(self, dim, ffn_dim, num_levels, num_heads, num_points, dropout, use_tokens=True):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
-        self.token_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.self_norm = nn.LayerNorm(dim)
+        # Without tokens the sub-layer does not exist: no attention, bias or norm runs in its place.
+        self.token_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True) if use_tokens else None
+        self.token_norm = nn.LayerNorm(dim) if use_tokens else None
         self.cross_attn = MSDeformAttn(dim, num_levels, num_heads, num_points)
-        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(3))
+        self.cross_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
         self.ffn = FFN(dim, ffn_dim, dropout)
 
-    def forward(self, query, query_pos, reference, memory, spatial_shapes, padding_mask, tokens, token_pos,
+    def forward(self, query, query_pos, reference, memory, spatial_shapes, padding_mask, tokens=None, token_pos=None,
                 self_attn_mask=None):
         """
         Args:
             query, query_pos: ``[N, Q, dim]``.
             reference: ``[N, Q, L, 4]`` boxes (cx, cy, w, h) normalised to each padded level.
             memory: ``[N, S, dim]``; padding_mask ``[N, S]`` or None.
-            tokens, token_pos: ``[N, M, dim]``, the projected global tokens and their embeddings.
-            self_attn_mask: optional ``[N * heads, Q, Q]`` bool, True where a query may not look (denoising).
+            tokens, token_pos: ``[N, M, dim]``, the projected global tokens and their embeddings
+                (None when the layer was built without ``use_tokens``).
+            self_attn_mask: optional ``[N * heads, Q, Q]`` bool, True where a query may not look
+                (denoising groups, one-to-many queries).
         Returns:
             ``[N, Q, dim]``.
         """
         q = query + query_pos
         out = self.self_attn(q, q, query, attn_mask=self_attn_mask, need_weights=False)[0]
-        query = self.norms[0](query + self.dropout(out))
-        out = self.token_attn(query + query_pos, tokens + token_pos, tokens, need_weights=False)[0]
-        query = self.norms[1](query + self.dropout(out))
+        query = self.self_norm(query + self.dropout(out))
+        if self.token_attn is not None:
+            out = self.token_attn(query + query_pos, tokens + token_pos, tokens, need_weights=False)[0]
+            query = self.token_norm(query + self.dropout(out))
         out = self.cross_attn(query + query_pos, reference, memory, spatial_shapes, padding_mask)
-        query = self.norms[2](query + self.dropout(out))
+        query = self.cross_norm(query + self.dropout(out))
         return self.ffn(query)
 
 
@@ -105,19 +112,28 @@ class Transformer(nn.Module):
         aux_loss: class and box heads on every decoder layer (iterative box refinement, a loss per
             layer); False builds them for the last layer only, the earlier layers keep their
             reference boxes (their heads would get no gradient: references are detached).
+        use_tokens: decoder layers attend to the global tokens; False builds them without that sub-layer.
+        look_forward_twice: DINO's box refinement: layer i's boxes are its offset applied to layer
+            i-1's boxes *with* their gradient (the next layer's input reference stays detached),
+            so that each layer's box head is also trained by the next layer's loss. Same values.
+        num_queries_one2many: H-DETR's hybrid matching: in training only, this many extra queries
+            (the next-best two-stage proposals, or their own learned boxes) that no other query
+            sees, matched by the criterion to every target repeated several times. 0 = off.
     """
 
     def __init__(self, dim, ffn_dim, num_levels, num_queries, num_classes, enc_layers=0, dec_layers=6,
-                 num_heads=8, num_points=4, dropout=0.0, two_stage=True, denoising=False, aux_loss=True):
+                 num_heads=8, num_points=4, dropout=0.0, two_stage=True, denoising=False, aux_loss=True,
+                 use_tokens=True, look_forward_twice=False, num_queries_one2many=0):
         super().__init__()
         self.label_embed = nn.Embedding(num_classes, dim) if denoising else None
-        self.num_queries, self.two_stage = num_queries, two_stage
+        self.num_queries, self.num_queries_one2many, self.two_stage = num_queries, num_queries_one2many, two_stage
+        self.look_forward_twice = look_forward_twice
         encoder_layer = EncoderLayer(dim, ffn_dim, num_levels, num_heads, num_points, dropout)
         self.encoder = nn.ModuleList(copy.deepcopy(encoder_layer) for _ in range(enc_layers))
-        decoder_layer = DecoderLayer(dim, ffn_dim, num_levels, num_heads, num_points, dropout)
+        decoder_layer = DecoderLayer(dim, ffn_dim, num_levels, num_heads, num_points, dropout, use_tokens)
         self.decoder = nn.ModuleList(copy.deepcopy(decoder_layer) for _ in range(dec_layers))
         self.query_pos_head = MLP(2 * dim, dim, dim, 2)
-        self.query_embed = nn.Embedding(num_queries, dim)
+        self.query_embed = nn.Embedding(num_queries + num_queries_one2many, dim)
         num_heads_sets = dec_layers if aux_loss else 1
         self.class_heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(num_heads_sets))
         self.box_heads = nn.ModuleList(MLP(dim, dim, 4, 3) for _ in range(num_heads_sets))
@@ -126,7 +142,7 @@ class Transformer(nn.Module):
             self.enc_class_head = nn.Linear(dim, num_classes)
             self.enc_box_head = MLP(dim, dim, 4, 3)
         else:
-            self.reference_boxes = nn.Embedding(num_queries, 4)
+            self.reference_boxes = nn.Embedding(num_queries + num_queries_one2many, 4)
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -155,7 +171,7 @@ class Transformer(nn.Module):
             points.append(xy[None] / valid_ratios[:, None, lvl])                # valid-normalised
         return torch.cat(points, 1)
 
-    def _select_queries(self, memory, padding_mask, spatial_shapes, valid_ratios):
+    def _select_queries(self, memory, padding_mask, spatial_shapes, valid_ratios, num_queries):
         """Two-stage: score every position, keep the top ``num_queries`` as reference boxes.
 
         The box head runs on the selected positions only (its outputs elsewhere are never used).
@@ -173,7 +189,7 @@ class Transformer(nn.Module):
         output = self.enc_output(memory.masked_fill(~valid[..., None], 0.0))
         logits = self.enc_class_head(output)
         scores = logits.max(-1)[0].masked_fill(~valid, float("-inf"))
-        k = min(self.num_queries, scores.shape[1])
+        k = min(num_queries, scores.shape[1])
         topk = scores.topk(k, dim=1)[1]
 
         def gather(x):
@@ -183,7 +199,8 @@ class Transformer(nn.Module):
         boxes = self.enc_box_head(gather(output)) + anchors                      # sigmoid space
         return boxes.detach().sigmoid(), {"pred_logits": gather(logits), "pred_boxes": boxes.sigmoid()}
 
-    def forward(self, memory, pos, padding_mask, spatial_shapes, valid_ratios, tokens, token_pos, denoising=None):
+    def forward(self, memory, pos, padding_mask, spatial_shapes, valid_ratios, tokens=None, token_pos=None,
+                denoising=None):
         """
         Args:
             memory: ``[N, S, dim]`` flattened maps of all levels; pos: their position encoding
@@ -191,11 +208,12 @@ class Transformer(nn.Module):
             padding_mask: ``[N, S]`` bool, True on padding; None when no image is padded.
             spatial_shapes: list of ``(H_l, W_l)``.
             valid_ratios: ``[N, L, 2]`` valid width and height of each level over its padded size.
-            tokens, token_pos: ``[N, M, dim]``.
+            tokens, token_pos: ``[N, M, dim]`` (None when the decoder does not use tokens).
             denoising: optional dict of ``build_denoising_queries``: its D queries go first.
         Returns:
             (list over the decoder layers that have heads (all, or the last without ``aux_loss``) of
-            ``(logits [N, D+Q, K], boxes [N, D+Q, 4] cxcywh in [0, 1])``, encoder outputs dict or None).
+            ``(logits [N, D+Q+Q2, K], boxes [N, D+Q+Q2, 4] cxcywh in [0, 1])``, encoder outputs dict
+            of the Q one-to-one proposals or None). Q2 = ``num_queries_one2many`` in training, else 0.
         """
         if len(self.encoder):
             reference = self._grid_references(spatial_shapes, valid_ratios, memory.device)
@@ -204,28 +222,53 @@ class Transformer(nn.Module):
                 memory = layer(memory, pos, reference, spatial_shapes, padding_mask)
 
         n = memory.shape[0]
+        num_one2many = self.num_queries_one2many if self.training else 0
+        num_queries = self.num_queries + num_one2many
         enc_outputs = None
         if self.two_stage:
-            reference, enc_outputs = self._select_queries(memory, padding_mask, spatial_shapes, valid_ratios)
+            reference, enc_outputs = self._select_queries(memory, padding_mask, spatial_shapes, valid_ratios, num_queries)
+            enc_outputs = {k: v[:, : self.num_queries] for k, v in enc_outputs.items()}
         else:
-            reference = self.reference_boxes.weight.sigmoid()[None].expand(n, -1, -1)
+            reference = self.reference_boxes.weight[:num_queries].sigmoid()[None].expand(n, -1, -1)
         query = self.query_embed.weight[None, : reference.shape[1]].expand(n, -1, -1)
-        self_attn_mask = None
+        self_attn_mask = self._self_attn_mask(denoising, reference.shape[1], num_one2many, memory.device)
         if denoising is not None:
             query = torch.cat([denoising["query"].to(query.dtype), query], 1)
             reference = torch.cat([denoising["reference"], reference], 1)
-            # one [D+Q, D+Q] mask per image and attention head, as nn.MultiheadAttention takes it
-            self_attn_mask = denoising["attn_mask"].repeat_interleave(self.decoder[0].self_attn.num_heads, 0)
 
         ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]            # [N, 1, L, 4]
         outputs = []
         first_head = len(self.decoder) - len(self.class_heads)
+        previous = reference                        # the previous layer's boxes, with their gradient
         for i, layer in enumerate(self.decoder):
             query_pos = self.query_pos_head(sine_embed_coords(reference, query.shape[-1] // 2).to(query.dtype))
             query = layer(query, query_pos, reference[:, :, None] * ratios, memory, spatial_shapes,
                           padding_mask, tokens, token_pos, self_attn_mask)
             if i >= first_head:
-                boxes = (self.box_heads[i - first_head](query) + inverse_sigmoid(reference)).sigmoid()
+                delta = self.box_heads[i - first_head](query)
+                refined = (delta + inverse_sigmoid(reference)).sigmoid()
+                # look forward twice: the same values, but the loss of these boxes also reaches
+                # the previous layer's box head (one layer back, not further)
+                boxes = (delta + inverse_sigmoid(previous)).sigmoid() if self.look_forward_twice else refined
                 outputs.append((self.class_heads[i - first_head](query), boxes))
-                reference = boxes.detach()
+                previous, reference = refined, refined.detach()
         return outputs, enc_outputs
+
+    def _self_attn_mask(self, denoising, num_queries, num_one2many, device):
+        """The decoder self-attention mask (True = blocked), or None when nothing is blocked:
+        ``[N * heads, D+Q+Q2, D+Q+Q2]`` with denoising queries (their mask, see denoising.py), else
+        ``[Q+Q2, Q+Q2]``. The last Q2 one-to-many queries see only each other, and no other query
+        sees them: the rest computes exactly what it computes without them."""
+        mask = None if denoising is None else denoising["attn_mask"]
+        if num_one2many:
+            size = mask.shape[-1] if mask is not None else num_queries
+            start = size - num_queries                                           # first object query
+            split = size - num_one2many                                          # first one-to-many query
+            block = torch.zeros(size, size, dtype=torch.bool, device=device)
+            block[:split, split:] = True          # neither denoising nor one-to-one queries see them
+            block[split:, start:split] = True
+            mask = block if mask is None else mask | block
+        if mask is not None and mask.dim() == 3:
+            # one [D+Q, D+Q] mask per image and attention head, as nn.MultiheadAttention takes it
+            mask = mask.repeat_interleave(self.decoder[0].self_attn.num_heads, 0)
+        return mask
