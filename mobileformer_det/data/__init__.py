@@ -8,4 +8,4 @@ from .datasets import (
     register_toy_dataset,
 )
 from .mapper import DetrDatasetMapper
-from .toy import ensure_toy_dataset
+from .toy import ensure_crowd_dataset, ensure_toy_dataset

@@ -12,6 +12,7 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import log_first_n
 
 from .toy import CLASSES as TOY_CLASSES
+from .toy import CROWD_CLASSES, CROWD_SPLITS, ensure_crowd_dataset
 from .toy import SPLITS as TOY_SPLITS
 from .toy import ensure_toy_dataset
 
@@ -70,20 +71,28 @@ def register_coco_boxes(name, json_file, image_root, **metadata):
     MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco", **metadata)
 
 
-def register_toy_dataset(root):
-    """Generate (if needed) and register ``toy_coco_train`` and ``toy_coco_val``."""
-    ensure_toy_dataset(root)
-    for name, (split, _, _) in TOY_SPLITS.items():
+def register_toy_dataset(root, kind="toy"):
+    """Generate (if needed) and register a synthetic dataset: ``kind`` "toy" (``toy_coco_train``,
+    ``toy_coco_val``) or "crowd" (``toy_crowd_train``, ``toy_crowd_val``)."""
+    ensure, splits, classes = _SYNTHETIC[kind]
+    ensure(root)
+    for name, (split, _, _) in splits.items():
         if name not in DatasetCatalog.list():
             register_coco_boxes(name, os.path.join(root, f"{split}.json"), os.path.join(root, split),
-                                thing_classes=list(TOY_CLASSES))
+                                thing_classes=list(classes))
+
+
+_SYNTHETIC = {"toy": (ensure_toy_dataset, TOY_SPLITS, TOY_CLASSES),
+              "crowd": (ensure_crowd_dataset, CROWD_SPLITS, CROWD_CLASSES)}
 
 
 def register_datasets_from_config(cfg):
-    """Register the toy dataset (if the config uses it) and every ``DATASETS.COCO_FORMAT`` entry."""
+    """Register the synthetic datasets the config uses and every ``DATASETS.COCO_FORMAT`` entry."""
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     if any(n in TOY_SPLITS for n in names):
         register_toy_dataset(cfg.DATASETS.TOY_ROOT)
+    if any(n in CROWD_SPLITS for n in names):
+        register_toy_dataset(cfg.DATASETS.TOY_CROWD_ROOT, "crowd")
     for entry in cfg.DATASETS.COCO_FORMAT:
         if len(entry) != 3:
             raise ValueError(
@@ -101,7 +110,8 @@ def check_datasets(names):
         if name not in DatasetCatalog.list():
             raise KeyError(
                 f"dataset {name!r} is not registered: use one of Detectron2's builtin names "
-                f"(e.g. coco_2017_train), the toy names {sorted(TOY_SPLITS)}, or add it to DATASETS.COCO_FORMAT"
+                f"(e.g. coco_2017_train), the synthetic names {sorted(TOY_SPLITS) + sorted(CROWD_SPLITS)}, or add it to "
+                f"DATASETS.COCO_FORMAT"
             )
         meta = MetadataCatalog.get(name)
         for attr in ("json_file", "image_root"):

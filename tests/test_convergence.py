@@ -1,0 +1,215 @@
+"""The training options of the ablation (tokens off, contrastive denoising, look-forward-twice,
+varifocal loss, one-to-many matching) and the second synthetic dataset."""
+import json
+import math
+import os
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+from helpers import make_instances, toy_cfg
+from mobileformer_det.modeling.detr import HungarianMatcher, SetCriterion
+from mobileformer_det.modeling.detr.criterion import varifocal_loss
+from mobileformer_det.modeling.detr.denoising import build_denoising_queries
+
+
+def image_input(seed, h, w, **extra):
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8), "height": h, "width": w, **extra}
+
+
+def training_batch():
+    return [image_input(0, 64, 96, instances=make_instances([[5, 5, 30, 30], [40, 10, 90, 60]], [1, 2], (64, 96))),
+            image_input(1, 80, 72, instances=make_instances([[10, 20, 50, 70]], [3], (80, 72)))]
+
+
+def unused_parameters(model):
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def test_without_tokens_the_token_sublayer_does_not_exist():
+    """USE_TOKENS False is a clean ablation: no token attention, norm, projection or final
+    Mobile->Former is built or run, and every remaining parameter still gets a gradient (DDP)."""
+    torch.manual_seed(0)
+    model = build_model(toy_cfg("MODEL.MF_DETR.USE_TOKENS", False)).train()
+    names = [n for n, _ in model.named_parameters()]
+    for part in ("token_attn", "token_norm", "token_proj", "token_pos", "final_mobile_to_former"):
+        assert not any(part in n for n in names), part
+    with_tokens = build_model(toy_cfg())
+    assert sum(p.numel() for p in with_tokens.parameters()) > sum(p.numel() for p in model.parameters())
+
+    calls = []
+    for layer in model.transformer.decoder:
+        layer.self_attn.register_forward_hook(lambda *a: calls.append("self"))
+    sum(model(training_batch()).values()).backward()
+    assert calls == ["self"] * len(model.transformer.decoder)   # the only softmax attention that runs
+    assert not unused_parameters(model)
+    model.eval()
+    with torch.no_grad():
+        assert len(model([image_input(2, 64, 96)])[0]["instances"]) > 0
+
+
+def test_look_forward_twice_keeps_the_boxes_and_trains_the_previous_head_by_the_next_loss():
+    torch.manual_seed(0)
+    plain = build_model(toy_cfg("MODEL.MF_DETR.DN_NUMBER", 0)).train()
+    lft = build_model(toy_cfg("MODEL.MF_DETR.DN_NUMBER", 0, "MODEL.MF_DETR.LOOK_FORWARD_TWICE", True)).train()
+    lft.load_state_dict(plain.state_dict())
+    gradients = []
+    for model in (plain, lft):
+        encoded = model.encode_images(model.preprocess_image(training_batch()))
+        outputs, _ = model.transformer(**encoded)
+        # the last layer's boxes only: does the gradient reach layer 0's box head?
+        outputs[-1][1].sum().backward()
+        gradients.append([head.layers[-1].weight.grad for head in model.transformer.box_heads])
+        values = torch.stack([b for _, b in outputs])
+        if model is plain:
+            reference = values
+    torch.testing.assert_close(values, reference)                    # same boxes, forward unchanged
+    assert len(gradients[1]) == 3
+    def reached(grad):
+        return grad is not None and grad.abs().sum() > 0
+    assert [reached(g) for g in gradients[0]] == [False, False, True]    # detached references
+    assert [reached(g) for g in gradients[1]] == [False, True, True]     # one layer back, not two
+
+
+def test_varifocal_loss_against_a_hand_computation():
+    logits = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
+    targets = torch.tensor([[0.8, 0.0], [0.0, 0.0]])
+    alpha, gamma = 0.75, 2.0
+    expected = torch.empty(2, 2)
+    for i in range(2):
+        for k in range(2):
+            x, q = logits[i, k].item(), targets[i, k].item()
+            p = 1 / (1 + math.exp(-x))
+            weight = q if q > 0 else alpha * p ** gamma
+            expected[i, k] = -weight * (q * math.log(p) + (1 - q) * math.log(1 - p))
+    torch.testing.assert_close(varifocal_loss(logits, targets, alpha, gamma), expected)
+
+
+def test_varifocal_class_target_is_the_iou_of_the_matched_box():
+    """A query whose class score equals its box's IoU with the target has the lowest class loss."""
+    target = {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}
+    boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.2]]])                   # IoU 0.5 with the target
+    criterion = SetCriterion(3, HungarianMatcher(), class_loss="varifocal")
+    losses = {}
+    for score in (0.3, 0.5, 0.7, 0.99):
+        logits = torch.full((1, 1, 3), -30.0)
+        logits[0, 0, 1] = math.log(score / (1 - score))
+        losses[score] = criterion.loss_set(logits, boxes, [target], [(torch.tensor([0]), torch.tensor([0]))], 1.0)["loss_class"].item()
+    assert min(losses, key=losses.get) == 0.5
+    with pytest.raises(ValueError, match="CLASS_LOSS"):
+        SetCriterion(3, HungarianMatcher(), class_loss="softmax")
+
+
+def test_contrastive_denoising_adds_negatives_with_no_object_targets():
+    torch.manual_seed(0)
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
+               {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
+    dn = build_denoising_queries(targets, 4, 12, 0.0, 0.4, num_queries=5, label_embed=torch.nn.Embedding(4, 8),
+                                 negatives=True)
+    # groups of [2 positive | 2 negative] slots: 12 // (2 * 2) = 3 groups
+    assert dn["num_groups"] == 3 and dn["query"].shape == (2, 12, 8)
+    assert dn["valid"].tolist() == [[True, True] * 6, [True, False] * 6]
+    assert [q.tolist() for q, _ in dn["indices"]] == [[0, 1, 4, 5, 8, 9], [0, 4, 8]]   # positives only
+    mask = dn["attn_mask"]
+    assert not mask[0, :4, :4].any() and mask[0, :4, 4:12].all()     # a group (with its negatives) sees itself
+    assert mask[:, 12:, :12].all()
+
+    # corners moved by < 0.4 half sizes for positives, between 0.4 and 0.8 for negatives
+    xyxy = lambda b: torch.cat([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], -1)  # noqa: E731
+    half = targets[0]["boxes"][:, 2:].repeat(1, 2) / 2
+    for g in range(3):
+        pos = (xyxy(dn["reference"][0, 4 * g: 4 * g + 2]) - xyxy(targets[0]["boxes"])).abs() / half
+        neg = (xyxy(dn["reference"][0, 4 * g + 2: 4 * g + 4]) - xyxy(targets[0]["boxes"])).abs() / half
+        assert pos.max() <= 0.4 + 1e-4
+        inside = xyxy(targets[0]["boxes"]).sub(neg * half).ge(0).all()  # no clamping at the image border
+        assert not inside or neg.min() >= 0.4 - 1e-4
+
+    criterion = SetCriterion(4, HungarianMatcher())
+    logits = torch.full((2, 12 + 5, 4), -30.0)
+    boxes = torch.rand(2, 12 + 5, 4) * 0.2 + 0.4
+    for g in range(3):
+        logits[0, 4 * g, 1] = logits[0, 4 * g + 1, 2] = logits[1, 4 * g, 0] = 30.0
+        boxes[0, 4 * g: 4 * g + 2], boxes[1, 4 * g] = targets[0]["boxes"], targets[1]["boxes"][0]
+    losses = criterion([(logits, boxes)], targets, denoising=dn)
+    assert losses["loss_bbox_dn"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["loss_class_dn"].item() < 1e-6                      # negatives scored "no object"
+    logits[0, 2, 1] = 30.0                                             # a negative that claims the object
+    assert criterion([(logits, boxes)], targets, denoising=dn)["loss_class_dn"].item() > 1.0
+
+
+def test_one_to_many_queries_are_training_only_and_invisible_to_the_one_to_one_queries():
+    torch.manual_seed(0)
+    model = build_model(toy_cfg("MODEL.MF_DETR.NUM_QUERIES_ONE2MANY", 40, "MODEL.MF_DETR.ONE2MANY_REPEATS", 3)).train()
+    transformer = model.transformer
+    losses = model(training_batch())
+    assert {"loss_class_o2m", "loss_bbox_o2m", "loss_giou_o2m", "loss_class_o2m_0"} <= set(losses)
+    sum(losses.values()).backward()
+    assert not unused_parameters(model)
+
+    targets = model.prepare_targets([x["instances"] for x in training_batch()], [(64, 96), (80, 72)])
+    with torch.no_grad():
+        encoded = model.encode_images(model.preprocess_image(training_batch()))
+        dn = build_denoising_queries(targets, 4, 30, 0.0, 0.4, 30 + 40, transformer.label_embed)
+        outputs, _ = transformer(**encoded, denoising=dn)
+        d = dn["query"].shape[1]
+        assert outputs[-1][0].shape[1] == d + 30 + 40
+        # the one-to-one queries' outputs do not depend on the one-to-many queries
+        transformer.query_embed.weight[30:] += torch.randn(40, transformer.query_embed.weight.shape[1])
+        changed, _ = transformer(**encoded, denoising=dn)
+    for (l1, b1), (l2, b2) in zip(outputs, changed):
+        torch.testing.assert_close(l1[:, : d + 30], l2[:, : d + 30], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b1[:, : d + 30], b2[:, : d + 30], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(l1[:, d + 30:], l2[:, d + 30:])
+
+    model.eval()
+    with torch.no_grad():
+        encoded = model.encode_images(model.preprocess_image([image_input(2, 64, 96)]))
+        outputs, enc = transformer(**encoded)
+    assert outputs[-1][0].shape[1] == 30 and enc["pred_logits"].shape[1] == 30
+
+
+def test_one_to_many_loss_matches_every_target_repeated():
+    """Each of the repeated targets gets its own query: perfect copies give zero box loss."""
+    criterion = SetCriterion(4, HungarianMatcher(), one2many_repeats=2)
+    target = {"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])}
+    logits = torch.full((1, 3 + 5, 4), -30.0)
+    boxes = torch.rand(1, 8, 4) * 0.1 + 0.4
+    boxes[0, 0], boxes[0, 1] = target["boxes"]                          # one-to-one
+    boxes[0, 3], boxes[0, 5], boxes[0, 4], boxes[0, 7] = target["boxes"][0], target["boxes"][0], target["boxes"][1], target["boxes"][1]
+    losses = criterion([(logits, boxes)], [target], num_one2many=5)
+    assert losses["loss_bbox"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["loss_bbox_o2m"].item() == pytest.approx(0.0, abs=1e-6)
+    boxes[0, 7] = boxes[0, 6]                                            # one copy left without its query
+    assert criterion([(logits, boxes)], [target], num_one2many=5)["loss_bbox_o2m"].item() > 0
+
+
+def test_crowd_dataset_is_deterministic_crowded_and_registered(tmp_path):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from mobileformer_det.data import ensure_crowd_dataset, register_datasets_from_config
+    from mobileformer_det.data.toy import CROWD_CLASSES, CROWD_IMAGE_SIZE
+
+    root = ensure_crowd_dataset(str(tmp_path / "a"))
+    val = json.load(open(os.path.join(root, "val.json")))
+    again = ensure_crowd_dataset(str(tmp_path / "b"))
+    assert json.load(open(os.path.join(again, "val.json"))) == val
+    assert open(os.path.join(root, "val", "00005.png"), "rb").read() == open(os.path.join(again, "val", "00005.png"), "rb").read()
+
+    counts = {}
+    for a in val["annotations"]:
+        counts[a["image_id"]] = counts.get(a["image_id"], 0) + 1
+        x, y, w, h = a["bbox"]
+        assert x >= 0 and y >= 0 and x + w <= CROWD_IMAGE_SIZE[0] and y + h <= CROWD_IMAGE_SIZE[1]
+    assert len(val["categories"]) == len(CROWD_CLASSES) == 10
+    assert sum(counts.values()) / len(counts) >= 8 and max(counts.values()) >= 18
+    assert len(counts) < len(val["images"])                                 # some empty images
+    aspect = [a["bbox"][2] / a["bbox"][3] for a in val["annotations"]]
+    assert max(aspect) > 2.5 and min(aspect) < 0.4                          # elongated objects both ways
+
+    cfg = toy_cfg("DATASETS.TRAIN", ("toy_crowd_train",), "DATASETS.TEST", ("toy_crowd_val",),
+                  "DATASETS.TOY_CROWD_ROOT", root)
+    register_datasets_from_config(cfg)
+    assert len(DatasetCatalog.get("toy_crowd_val")) == 100
+    assert MetadataCatalog.get("toy_crowd_val").thing_classes == CROWD_CLASSES
