@@ -60,32 +60,40 @@ def _draw(draw, category, x0, y0, size, color):
         draw.rectangle([x0, y0 + (size - t) // 2, x1 - 1, y0 + (size + t) // 2], fill=color)
 
 
-def _make_split(root, split, num_images, seed):
+def _toy_objects(draw, rng, width, height):
+    """Draw one toy image's objects; returns their ``(class index, [x, y, w, h])``."""
+    objects = []
+    for _ in range(0 if rng.rand() < 0.08 else rng.randint(1, 6)):
+        cat = rng.randint(len(CLASSES))
+        size = int(np.exp(rng.uniform(np.log(6), np.log(min(width, height) * 0.5))))
+        x0, y0 = rng.randint(0, width - size), rng.randint(0, height - size)
+        color = tuple(int(c) for c in rng.randint(0, 256, size=3))
+        _draw(draw, CLASSES[cat], x0, y0, size, color)
+        objects.append((cat, [x0, y0, size, size]))
+    return objects
+
+
+def _write_split(root, split, num_images, seed, image_size, classes, draw_objects, max_covered):
+    """Images ``<root>/<split>/NNNNN.png`` and ``<root>/<split>.json``: each image a textured
+    background on which ``draw_objects(draw, rng, width, height)`` draws and returns its objects."""
     rng = np.random.RandomState(seed)
-    width, height = IMAGE_SIZE
+    width, height = image_size
     image_dir = os.path.join(root, split)
     os.makedirs(image_dir, exist_ok=True)
     images, annotations = [], []
     for image_id in range(1, num_images + 1):
         img = _background(rng, width, height)
-        draw = ImageDraw.Draw(img)
-        num_objects = 0 if rng.rand() < 0.08 else rng.randint(1, 6)
-        for _ in range(num_objects):
-            cat = rng.randint(len(CLASSES))
-            size = int(np.exp(rng.uniform(np.log(6), np.log(min(width, height) * 0.5))))
-            x0, y0 = rng.randint(0, width - size), rng.randint(0, height - size)
-            color = tuple(int(c) for c in rng.randint(0, 256, size=3))
-            _draw(draw, CLASSES[cat], x0, y0, size, color)
+        for cat, (x, y, w, h) in draw_objects(ImageDraw.Draw(img), rng, width, height):
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": cat + 1,
-                "bbox": [x0, y0, size, size], "area": float(size * size), "iscrowd": 0,
+                "bbox": [x, y, w, h], "area": float(w * h), "iscrowd": 0,
             })
         file_name = f"{image_id:05d}.png"
         img.save(os.path.join(image_dir, file_name))
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
     # Later objects are drawn over earlier ones: drop those mostly hidden so the labels stay honest.
-    annotations = _drop_occluded(annotations)
-    categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASSES)]
+    annotations = _drop_occluded(annotations, max_covered)
+    categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(classes)]
     with open(os.path.join(root, f"{split}.json"), "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
 
@@ -131,44 +139,28 @@ def _clutter(draw, rng, width, height):
                      fill=color, width=int(rng.randint(2, 5)))
 
 
-def _make_crowd_split(root, split, num_images, seed):
-    rng = np.random.RandomState(seed)
-    width, height = CROWD_IMAGE_SIZE
-    image_dir = os.path.join(root, split)
-    os.makedirs(image_dir, exist_ok=True)
-    images, annotations = [], []
-    for image_id in range(1, num_images + 1):
-        img = _background(rng, width, height)
-        draw = ImageDraw.Draw(img)
-        _clutter(draw, rng, width, height)
-        num_objects = 0 if rng.rand() < 0.05 else rng.randint(10, 31)
-        for _ in range(num_objects):
-            cat = rng.randint(len(CROWD_CLASSES))
-            name = CROWD_CLASSES[cat]
-            size = int(np.exp(rng.uniform(np.log(4), np.log(height * 0.6))))
-            w = h = size
-            if name in ("bar", "ellipse"):
-                long_side = int(size * rng.uniform(1.5, 4.0))
-                w, h = (min(long_side, width - 1), size) if rng.rand() < 0.5 else (size, min(long_side, height - 1))
-            elif name in ("ring", "diamond", "frame", "x-cross"):
-                w = min(int(size * rng.uniform(0.7, 1.4)), width - 1)
-            x0, y0 = rng.randint(0, width - w), rng.randint(0, height - h)
-            color = tuple(int(c) for c in rng.randint(0, 256, size=3))
-            _draw_crowd(draw, name, x0, y0, w, h, color)
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": cat + 1,
-                "bbox": [x0, y0, w, h], "area": float(w * h), "iscrowd": 0,
-            })
-        file_name = f"{image_id:05d}.png"
-        img.save(os.path.join(image_dir, file_name))
-        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-    annotations = _drop_occluded(annotations, max_covered=0.6)
-    categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CROWD_CLASSES)]
-    with open(os.path.join(root, f"{split}.json"), "w") as f:
-        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+def _crowd_objects(draw, rng, width, height):
+    """Draw one crowd image's clutter, then its objects; returns the objects' ``(class index, [x, y, w, h])``."""
+    _clutter(draw, rng, width, height)
+    objects = []
+    for _ in range(0 if rng.rand() < 0.05 else rng.randint(10, 31)):
+        cat = rng.randint(len(CROWD_CLASSES))
+        name = CROWD_CLASSES[cat]
+        size = int(np.exp(rng.uniform(np.log(4), np.log(height * 0.6))))
+        w = h = size
+        if name in ("bar", "ellipse"):
+            long_side = int(size * rng.uniform(1.5, 4.0))
+            w, h = (min(long_side, width - 1), size) if rng.rand() < 0.5 else (size, min(long_side, height - 1))
+        elif name in ("ring", "diamond", "frame", "x-cross"):
+            w = min(int(size * rng.uniform(0.7, 1.4)), width - 1)
+        x0, y0 = rng.randint(0, width - w), rng.randint(0, height - h)
+        color = tuple(int(c) for c in rng.randint(0, 256, size=3))
+        _draw_crowd(draw, name, x0, y0, w, h, color)
+        objects.append((cat, [x0, y0, w, h]))
+    return objects
 
 
-def _drop_occluded(annotations, max_covered=0.5):
+def _drop_occluded(annotations, max_covered):
     kept = []
     by_image = {}
     for a in annotations:
@@ -206,9 +198,11 @@ def _ensure(root, version, splits, make_split):
 
 def ensure_toy_dataset(root):
     """Write the toy dataset under ``root`` unless this version is already there. Returns ``root``."""
-    return _ensure(root, VERSION, SPLITS, _make_split)
+    return _ensure(root, VERSION, SPLITS, lambda root, split, num, seed: _write_split(
+        root, split, num, seed, IMAGE_SIZE, CLASSES, _toy_objects, max_covered=0.5))
 
 
 def ensure_crowd_dataset(root):
     """Write the crowd dataset under ``root`` unless this version is already there. Returns ``root``."""
-    return _ensure(root, CROWD_VERSION, CROWD_SPLITS, _make_crowd_split)
+    return _ensure(root, CROWD_VERSION, CROWD_SPLITS, lambda root, split, num, seed: _write_split(
+        root, split, num, seed, CROWD_IMAGE_SIZE, CROWD_CLASSES, _crowd_objects, max_covered=0.6))
