@@ -126,3 +126,9 @@ def make_coco_like(root, split, num_images, seed, size=(320, 240), classes=("car
     with open(path, "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
     return path, image_dir
+
+
+def image_input(seed, h, w, **extra):
+    """A Detectron2 input dict holding a random ``[3, h, w]`` uint8 image (and ``extra`` keys)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8), **extra}

@@ -7,16 +7,12 @@ import os
 import pytest
 import torch
 from detectron2.modeling import build_model
+from torchvision.ops import box_convert
 
-from helpers import make_instances, toy_cfg
+from helpers import image_input, make_instances, toy_cfg
 from mobileformer_det.modeling.detr import HungarianMatcher, SetCriterion
 from mobileformer_det.modeling.detr.criterion import varifocal_loss
 from mobileformer_det.modeling.detr.denoising import build_denoising_queries
-
-
-def image_input(seed, h, w, **extra):
-    g = torch.Generator().manual_seed(seed)
-    return {"image": torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8), "height": h, "width": w, **extra}
 
 
 def training_batch():
@@ -117,7 +113,7 @@ def test_contrastive_denoising_adds_negatives_with_no_object_targets():
     assert mask[:, 12:, :12].all()
 
     # corners moved by < 0.4 half sizes for positives, between 0.4 and 0.8 for negatives
-    xyxy = lambda b: torch.cat([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], -1)  # noqa: E731
+    xyxy = lambda b: box_convert(b, "cxcywh", "xyxy")  # noqa: E731
     half = targets[0]["boxes"][:, 2:].repeat(1, 2) / 2
     for g in range(3):
         pos = (xyxy(dn["reference"][0, 4 * g: 4 * g + 2]) - xyxy(targets[0]["boxes"])).abs() / half

@@ -8,7 +8,7 @@ import torch
 from detectron2.modeling import build_model, detector_postprocess
 from torchvision.ops import box_convert, generalized_box_iou
 
-from helpers import make_instances, toy_cfg
+from helpers import image_input, make_instances, toy_cfg
 from mobileformer_det.modeling import VARIANTS, MFDETR
 from mobileformer_det.modeling.detr import HungarianMatcher, SetCriterion
 from mobileformer_det.modeling.detr.matcher import focal_class_cost
@@ -109,11 +109,6 @@ def test_score_threshold_drops_low_scores():
     model.num_classes = 2
     (result,) = model.inference(logits, torch.full((1, 2, 4), 0.5), [(10, 10)])
     assert len(result) == 1 and result.scores[0] > 0.5
-
-
-def image_input(seed, h, w, **extra):
-    g = torch.Generator().manual_seed(seed)
-    return {"image": torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8), **extra}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
