@@ -32,10 +32,13 @@ def test_every_config_loads_with_the_project_keys():
             add_mobileformer_config(cfg)
             cfg.merge_from_file(os.path.join(ROOT, "configs", name))
             assert cfg.MODEL.META_ARCHITECTURE == "MFDETR"
-            variants[name] = cfg.MODEL.MOBILEFORMER.VARIANT
-    assert variants["mf_detr.yaml"] == "mf508"
-    assert {variants[f"mf_detr_{v}m.yaml"] for v in (26, 52, 96, 151, 214, 294)} == \
-        {"mf26", "mf52", "mf96", "mf151", "mf214", "mf294"}
+            d = cfg.MODEL.MF_DETR
+            variants[name] = (cfg.MODEL.MOBILEFORMER.VARIANT, d.HIDDEN_DIM, d.DIM_FEEDFORWARD, d.DEC_LAYERS)
+    # The COCO recipes follow the decoder-size rule written in Base-MF-DETR.yaml.
+    assert variants["mf_detr.yaml"] == ("mf508", 256, 1024, 6)
+    assert {variants[f"mf_detr_{v}m.yaml"] for v in (26, 52, 96, 151, 214, 294)} == {
+        ("mf294", 256, 1024, 6), ("mf214", 256, 1024, 3), ("mf151", 256, 1024, 3),
+        ("mf96", 128, 512, 3), ("mf52", 128, 512, 3), ("mf26", 128, 512, 3)}
 
 
 def _fake_detectron2(tmp_path):
