@@ -81,13 +81,22 @@ def export_onnx(model, path, height, width, dynamic_batch=False, opset=17):
     return path
 
 
-def _onnx_session(path, threads):
+def onnx_session(path, threads, profile_prefix=None):
+    """An ONNX Runtime CPU session for the graph at ``path`` on ``threads`` threads; with
+    ``profile_prefix``, it records every node's time (``session.end_profiling()`` writes the JSON)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _onnx_session(path, threads):
+    session = onnx_session(path, threads)
     return lambda batch: session.run(None, {"images": batch})
 
 

@@ -169,3 +169,27 @@ def test_compiled_runtime_equals_eager(overfit_toy):
     torch.testing.assert_close(compiled.pred_boxes.tensor[: keep.sum()], eager.pred_boxes.tensor[keep], atol=0.5, rtol=0)
     torch.testing.assert_close(compiled.scores[: keep.sum()], eager.scores[keep], atol=1e-3, rtol=0)
     assert compiled.pred_classes[: keep.sum()].tolist() == eager.pred_classes[keep].tolist()
+
+
+def test_benchmark_models_do_not_let_onnxruntime_merge_the_decoder_layers(tmp_path):
+    """A freshly built detector's decoder layers are copies of one layer, and ONNX Runtime merges
+    equal computations: their value projections of the same memory would run once, as no trained
+    model's would. The benchmark's models keep one value projection per layer in the optimised graph."""
+    import onnx
+    import onnxruntime as ort
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from benchmark import build_eval_model
+
+    from mobileformer_det.deploy import export_onnx
+
+    cfg = toy_cfg()
+    counts = {}
+    for name, model in (("fresh", build_model(cfg).eval()), ("benchmark", build_eval_model(cfg))):
+        path = export_onnx(prepare_for_inference(model, channels_last=False), str(tmp_path / f"{name}.onnx"), 64, 96)
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{name}_optimised.onnx")
+        ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        nodes = onnx.load(options.optimized_model_filepath).graph.node
+        counts[name] = sum("value_proj" in n.name and n.op_type in ("MatMul", "Gemm", "FusedMatMul") for n in nodes)
+    assert counts == {"fresh": 1, "benchmark": cfg.MODEL.MF_DETR.DEC_LAYERS}, counts

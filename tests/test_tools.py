@@ -108,21 +108,44 @@ def test_benchmark_table_of_the_seven_variants():
     result = _tool("benchmark.py", "--config-file", TOY_CONFIG, "--task", "variants", "--runtime", "torch",
                    "--runs", 1, "--warmup", 0, "--input-size", 64, 96)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in result.stdout.splitlines()
-            if line.startswith("| mf")}
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in result.stdout.splitlines() if line.startswith("| mf")}
     assert list(rows) == ["mf508", "mf294", "mf214", "mf151", "mf96", "mf52", "mf26"]
-    params = [float(r[0]) for r in rows.values()]
-    assert params == sorted(params, reverse=True) and all(float(r[2]) > 0 for r in rows.values())
+    assert {r[1] for r in rows.values()} == {"128x3"}  # the toy config's decoder on every backbone
+    params = [float(r[2]) for r in rows.values()]
+    assert params == sorted(params, reverse=True) and all(float(r[4]) > 0 for r in rows.values())
+
+
+def test_benchmark_variants_builds_each_recipe_with_its_own_decoder():
+    """Several configs: one row each, with the decoder its recipe sets (the size rule of the configs);
+    KEY VALUE pairs written right after the configs are still overrides."""
+    configs = [os.path.join(ROOT, "configs", f) for f in ("mf_detr.yaml", "mf_detr_151m.yaml", "mf_detr_26m.yaml")]
+    result = _tool("benchmark.py", "--task", "variants", "--runtime", "torch", "--runs", 1, "--warmup", 0,
+                   "--input-size", 64, 96, "--config-file", *configs, "MODEL.MF_DETR.NUM_QUERIES", 20)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines()
+            if line.startswith("| mf")]
+    assert [r[:3] for r in rows] == [["mf508", "mf_detr.yaml", "256x6"], ["mf151", "mf_detr_151m.yaml", "256x3"],
+                                     ["mf26", "mf_detr_26m.yaml", "128x3"]]
+    result = _tool("benchmark.py", "--task", "eval", "--config-file", *configs[:2])
+    assert result.returncode == 2 and "takes one --config-file, got 2" in result.stderr
 
 
 def test_benchmark_breakdown_lists_every_part():
-    result = _tool("benchmark.py", "--config-file", TOY_CONFIG, "--task", "eval", "--breakdown", "--runs", 1,
-                   "--warmup", 0, "--input-size", 64, 96)
+    """Eager parts timed by hooks; the exported graph's by ONNX Runtime's profile, its nodes found by
+    their module scopes (so every stage and layer gets time of its own)."""
+    result = _tool("benchmark.py", "--config-file", TOY_CONFIG, "--task", "eval", "--breakdown", "--runs", 2,
+                   "--warmup", 1, "--input-size", 64, 96, "--runtime", "plain", "torch", "onnxruntime")
     assert result.returncode == 0, result.stderr[-3000:]
-    parts = [line.split("|")[1].strip() for line in result.stdout.splitlines() if line.startswith("| ")]
+    table = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert table[0][2:5] == ["plain ms", "torch ms", "onnxruntime ms"]
+    rows = {r[0]: r for r in table[1:]}
     for part in ("backbone stem", "neck", "query selection (two-stage)", "decoder layer 0", "decoder layer 2",
-                 "post-processing (top-k, boxes)", "total"):
-        assert part in parts, (part, result.stdout)
+                 "post-processing (top-k, boxes)", "layout reorders (onnxruntime only)", "total"):
+        assert part in rows, (part, result.stdout)
+    for part in ("backbone res2", "backbone res3", "backbone res4", "backbone res5", "neck", "decoder layer 0",
+                 "decoder layer 2", "total"):
+        assert float(rows[part][4]) > 0, (part, result.stdout)
 
 
 @pytest.mark.slow

@@ -6,8 +6,8 @@
     python tools/benchmark.py --config-file configs/mf_detr.yaml --task eval --input-size 800 1216 \
         --runtime plain torch onnxruntime openvino --batch-sizes 1
     python tools/benchmark.py --config-file configs/mf_detr.yaml --task eval --input-size 800 1216 --breakdown
-    python tools/benchmark.py --config-file configs/mf_detr.yaml --task variants --input-size 640 640 \
-        --runtime torch onnxruntime
+    python tools/benchmark.py --config-file configs/mf_detr.yaml configs/mf_detr_{294,214,151,96,52,26}m.yaml \
+        --task variants --input-size 640 640 --runtime torch onnxruntime
     python tools/benchmark.py --config-file configs/mf_detr_toy.yaml --task train
     python tools/benchmark.py --config-file configs/mf_detr_toy.yaml --task data
 
@@ -16,14 +16,18 @@ on CUDA) on a synthetic batch. ``eval`` times each ``--runtime`` at batch 1 and 
 p90 over ``--runs`` after ``--warmup``, the runtimes taken in turns) and, in the same run,
 torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` (random weights: speed only) at
 ``--compare-size`` (default: the same size), with each one's ratio to the first runtime.
-``variants`` builds the config's detector on each of the seven backbones and prints parameters,
-GFLOPs and the latency of each ``--runtime`` at batch 1. ``--breakdown`` splits one inference into parts, timed by hooks, beside their fvcore GFLOPs. On CUDA every timing is
-synchronised; ``--amp`` runs under autocast (float16 on CUDA, bfloat16 on the CPU).
+``variants`` prints parameters, GFLOPs and the latency of each ``--runtime`` at batch 1 for each
+config's detector when given several configs (e.g. every variant's recipe, each with its own decoder),
+or for one config's detector on each of the seven backbones. ``--breakdown`` splits one inference
+into parts (backbone stages, neck, query selection, decoder layers ...) beside their fvcore GFLOPs:
+eager PyTorch timed by hooks and, with ``--runtime onnxruntime``, the exported graph from ONNX
+Runtime's profile. On CUDA every timing is synchronised; ``--amp`` runs under autocast (float16 on CUDA, bfloat16 on the CPU).
 """
 import argparse
 import contextlib
 import copy
 import itertools
+import json
 import logging
 import os
 import tempfile
@@ -56,6 +60,22 @@ def autocast(device, enabled):
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+
+
+def build_eval_model(cfg):
+    """The config's detector in eval mode, its weights as distinct as a trained model's.
+
+    Freshly built, the decoder layers are copies of one layer; ONNX Runtime and OpenVINO merge equal
+    computations on equal inputs, so the layers' value projections of the same memory would run
+    once instead of once per layer, and they would look faster than they are on trained weights.
+    Every parameter gets independent noise (std 1e-3): no two weight tensors are equal any more.
+    """
+    model = build_model(cfg).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=generator).to(p))
+    return model
 
 
 def _runners(args, cfg, model, height, width, tmpdir):
@@ -100,7 +120,7 @@ def bench_eval(args, cfg):
     device = torch.device(cfg.MODEL.DEVICE)
     height, width = args.input_size or (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST)
     comp_h, comp_w = args.compare_size or (height, width)
-    model = build_model(cfg).eval()
+    model = build_eval_model(cfg)
     reference = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
         weights=None, weights_backbone=None, min_size=min(comp_h, comp_w), max_size=max(comp_h, comp_w),
     ).eval().to(device)
@@ -180,16 +200,57 @@ def _flops_by_part(model, parts, height, width):
     return flops, total
 
 
+REORDERS = "layout reorders (onnxruntime only)"
+OTHER = "other (glue, masks, flattening)"
+
+
+def _modules_of(model, target):
+    """The modules a ``_parts`` entry covers (query selection: its three heads; methods: none)."""
+    if not isinstance(target, str):
+        return target
+    t = model.transformer
+    return [t.enc_output, t.enc_class_head, t.enc_box_head] if "select" in target else []
+
+
+def _onnxruntime_by_part(profile, model, parts, skip):
+    """ms per part of each ONNX Runtime run in ``profile`` (the session's JSON) after the first ``skip``:
+    a node belongs to the part whose module scope starts its name (torch.onnx names nodes
+    ``/backbone/blocks.3/...``); ONNX Runtime's own layout reorders (NCHWc) are a part of their own."""
+    names = {module: name for name, module in model.named_modules()}
+    scopes = [("." + names[m] + ".", part) for part, target in parts.items() for m in _modules_of(model, target)]
+    with open(profile) as f:
+        events = json.load(f)
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    records = []
+    for run in [e for e in events if e.get("name") == "model_run"][skip:]:
+        record = {"total": run["dur"] / 1e3}
+        for e in nodes:
+            if run["ts"] <= e["ts"] <= run["ts"] + run["dur"]:
+                dotted = e["name"].replace("/", ".")
+                part = REORDERS if e["args"].get("op_name", "").startswith("Reorder") else next(
+                    (p for scope, p in scopes if dotted.startswith(scope)), None)
+                if part:
+                    record[part] = record.get(part, 0.0) + e["dur"] / 1e3
+        records.append(record)
+    return records
+
+
 def bench_breakdown(args, cfg):
     """Milliseconds per part of one image's inference, plain model and prepared (BN folded,
-    channels-last backbone), interleaved, beside each part's GFLOPs."""
+    channels-last backbone), and, with ``--runtime onnxruntime``, the exported graph (profiled by
+    ONNX Runtime), interleaved, beside each part's GFLOPs."""
+    from mobileformer_det.deploy import export_onnx, onnx_session
     from mobileformer_det.modeling.inference import prepare_for_inference
 
     height, width = args.input_size or (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST)
-    plain = build_model(cfg).eval()
+    plain = build_eval_model(cfg)
     models = {"plain": plain, "torch": prepare_for_inference(copy.deepcopy(plain))}
     flops, total_flops = _flops_by_part(plain, _parts(plain), height, width)
     inputs = [{"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8), "height": height, "width": width}]
+    tmpdir = tempfile.TemporaryDirectory()
+    if "onnxruntime" in args.runtime:  # exported before the timing hooks go on
+        path = export_onnx(prepare_for_inference(copy.deepcopy(plain), channels_last=False),
+                           os.path.join(tmpdir.name, "model.onnx"), height, width)
     records, calls = {}, {}
     for name, model in models.items():
         seconds, starts = {}, {}
@@ -209,25 +270,34 @@ def bench_breakdown(args, cfg):
             seconds.clear()
             start = time.perf_counter()
             model(inputs)
-            record.append(dict(seconds, total=time.perf_counter() - start))
+            record.append({part: 1e3 * t for part, t in dict(seconds, total=time.perf_counter() - start).items()})
         calls[name] = run
-    with torch.no_grad():
-        time_interleaved(calls, torch.device(cfg.MODEL.DEVICE), args.runs, args.warmup)
-    medians = {name: {part: 1000 * np.median([r.get(part, 0.0) for r in record[args.warmup:]])
-                      for part in list(flops) + ["total"]} for name, record in records.items()}
+    with tmpdir:
+        if "onnxruntime" in args.runtime:
+            session = onnx_session(path, torch.get_num_threads(), profile_prefix=os.path.join(tmpdir.name, "profile"))
+            images = np.random.randint(0, 256, (1, 3, height, width)).astype(np.float32)
+            calls["onnxruntime"] = lambda: session.run(None, {"images": images})
+        with torch.no_grad():
+            time_interleaved(calls, torch.device(cfg.MODEL.DEVICE), args.runs, args.warmup)
+        if "onnxruntime" in calls:
+            records["onnxruntime"] = _onnxruntime_by_part(session.end_profiling(), plain, _parts(plain), args.warmup)
+    medians = {name: {part: np.median([r.get(part, 0.0) for r in record[-args.runs:]])
+                      for part in list(flops) + [REORDERS, "total"]} for name, record in records.items()}
     rows = []
-    for part in list(flops) + ["other (glue, masks, flattening)", "total"]:
-        if part == "other (glue, masks, flattening)":
+    for part in list(flops) + ([REORDERS] if "onnxruntime" in medians else []) + [OTHER, "total"]:
+        if part == OTHER:
             values = {n: m["total"] - sum(v for k, v in m.items() if k != "total") for n, m in medians.items()}
             part_flops = total_flops - sum(flops.values())
         else:
             values = {n: m[part] for n, m in medians.items()}
-            part_flops = total_flops if part == "total" else flops[part]
-        rows.append([part, f"{part_flops:.3f}", f"{values['plain']:.1f}", f"{values['torch']:.1f}",
+            part_flops = total_flops if part == "total" else flops.get(part, 0.0)
+        rows.append([part, f"{part_flops:.3f}", *(f"{v:.1f}" for v in values.values()),
                      f"{100 * values['torch'] / medians['torch']['total']:.0f}%"])
     print(f"\nMF-DETR {cfg.MODEL.MOBILEFORMER.VARIANT} at {height}x{width}, batch 1: median ms per part over "
-          f"{args.runs} interleaved runs (plain: as trained; torch: batch norm folded, channels-last backbone)")
-    print(tabulate(rows, ["part", "GFLOPs", "plain ms", "torch ms", "share (torch)"], tablefmt="pipe"))
+          f"{args.runs} interleaved runs (plain: as trained; torch: batch norm folded, channels-last backbone"
+          + ("; onnxruntime: the exported graph, profiled, its top-level nodes (normalisation, top-k) in other"
+             if "onnxruntime" in medians else "") + ")")
+    print(tabulate(rows, ["part", "GFLOPs", *(f"{n} ms" for n in medians), "share (torch)"], tablefmt="pipe"))
 
 
 def _timed(fn, part, current):
@@ -275,31 +345,39 @@ def bench_train(args, cfg):
     print(tabulate(rows, headers + (["peak GiB"] if device.type == "cuda" else []), tablefmt="pipe"))
 
 
-def bench_variants(args, cfg):
-    """The config's detector on every Mobile-Former variant: parameters, GFLOPs and the median
-    latency of each ``--runtime`` (taken in turns) at ``--input-size``, batch 1."""
+def bench_variants(args, cfgs):
+    """Parameters, GFLOPs and the median latency of each ``--runtime`` (taken in turns) at
+    ``--input-size``, batch 1: each config's detector, or, given one config, its detector on every
+    Mobile-Former variant."""
     from mobileformer_det.modeling import VARIANTS
     from mobileformer_det.utils.flops import detector_flops_by_module
 
+    if len(cfgs) == 1:
+        cfgs = [cfgs[0].clone() for _ in VARIANTS]
+        for c, variant in zip(cfgs, VARIANTS):
+            c.defrost()
+            c.MODEL.MOBILEFORMER.VARIANT = variant
+    cfg = cfgs[0]
     height, width = args.input_size or (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST)
     rows = []
     with tempfile.TemporaryDirectory() as tmpdir:
-        for variant in VARIANTS:
-            c = cfg.clone()
-            c.defrost()
-            c.MODEL.MOBILEFORMER.VARIANT = variant
-            model = build_model(c).eval()
+        for i, (c, path) in enumerate(zip(cfgs, itertools.cycle(args.config_file))):
+            d = c.MODEL.MF_DETR
+            model = build_eval_model(c)
             params = sum(p.numel() for p in model.parameters()) / 1e6
             gflops, _ = detector_flops_by_module(model, height, width)
-            os.makedirs(os.path.join(tmpdir, variant))
-            runners = _runners(args, c, model, height, width, os.path.join(tmpdir, variant))
+            os.makedirs(os.path.join(tmpdir, str(i)))
+            runners = _runners(args, c, model, height, width, os.path.join(tmpdir, str(i)))
             with torch.no_grad():
                 times = time_interleaved({name: make(1) for name, (_, make) in runners.items()},
                                          torch.device(c.MODEL.DEVICE), args.runs, args.warmup)
             medians = [1000 * np.median(t) for t in times.values()]
-            rows.append([variant, f"{params:.2f}", f"{gflops:.2f}", *(f"{m:.1f}" for m in medians)])
-    print(f"\nMF-DETR ({args.config_file}) on each backbone at {height}x{width}, batch 1:")
-    print(tabulate(rows, ["variant", "params (M)", "GFLOPs", *(f"{r} ms" for r in args.runtime)], tablefmt="pipe"))
+            rows.append([c.MODEL.MOBILEFORMER.VARIANT, os.path.basename(path),
+                         f"{d.HIDDEN_DIM}x{d.DEC_LAYERS}", f"{params:.2f}", f"{gflops:.2f}",
+                         *(f"{m:.1f}" for m in medians)])
+    print(f"\nMF-DETR on each backbone at {height}x{width}, batch 1 (decoder: width x layers):")
+    print(tabulate(rows, ["variant", "config", "decoder", "params (M)", "GFLOPs",
+                          *(f"{r} ms" for r in args.runtime)], tablefmt="pipe"))
 
 
 def bench_data(args, cfg):
@@ -320,7 +398,8 @@ def bench_data(args, cfg):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--config-file", required=True, nargs="+", metavar="FILE",
+                        help="one config; --task variants takes several (one row each)")
     parser.add_argument("--task", choices=["eval", "train", "data", "variants"], default="eval")
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
     parser.add_argument("--compare-size", nargs=2, type=int, metavar=("H", "W"),
@@ -342,22 +421,32 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
+    # nargs="+" also takes KEY VALUE pairs written right after the configs: hand those back to opts.
+    n = next((i for i, a in enumerate(args.config_file) if not a.endswith((".yaml", ".yml"))), len(args.config_file))
+    if n == 0:
+        parser.error(f"--config-file needs a .yaml file, got {args.config_file[0]!r}")
+    args.config_file, args.opts = args.config_file[:n], args.config_file[n:] + args.opts
     if args.task == "variants" and args.onnx:
         parser.error("--task variants exports each variant's graph itself: drop --onnx")
+    if args.task != "variants" and len(args.config_file) > 1:
+        parser.error(f"--task {args.task} takes one --config-file, got {len(args.config_file)}")
     setup_logger(name="fvcore")
     logging.getLogger("detectron2").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = setup_cfg(args.config_file, args.opts + (["MODEL.DEVICE", args.device] if args.device else [])
-                    + ["MODEL.WEIGHTS", ""])
+    cfgs = [setup_cfg(path, args.opts + (["MODEL.DEVICE", args.device] if args.device else []) + ["MODEL.WEIGHTS", ""])
+            for path in args.config_file]
+    cfg = cfgs[0]
     device = torch.device(cfg.MODEL.DEVICE)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {device} ({name}); torch {torch.__version__}; CPU threads: {torch.get_num_threads()}; "
           f"AMP: {args.amp}; runs: {args.runs} after {args.warmup} warm-up")
-    if args.task == "eval" and args.breakdown:
+    if args.task == "variants":
+        bench_variants(args, cfgs)
+    elif args.task == "eval" and args.breakdown:
         bench_breakdown(args, cfg)
     else:
-        {"eval": bench_eval, "train": bench_train, "data": bench_data, "variants": bench_variants}[args.task](args, cfg)
+        {"eval": bench_eval, "train": bench_train, "data": bench_data}[args.task](args, cfg)
 
 
 if __name__ == "__main__":
