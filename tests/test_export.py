@@ -1,5 +1,5 @@
-"""Inference outside the training code: batch norm folding and channels-last memory compute what
-the plain model computes; the ONNX export passes the checker; ONNX Runtime, OpenVINO and
+"""Inference outside the training code: batch norm folding, the folded neck and channels-last
+memory compute what the plain model computes; the ONNX export passes the checker; ONNX Runtime, OpenVINO and
 torch.compile give the demo the same detections as eager PyTorch."""
 import copy
 import json
@@ -53,6 +53,68 @@ def test_folded_batch_norm_and_channels_last_compute_the_same_maps(variant):
         for name in expected:
             torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-4)
         assert got["res3"].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("opts, factored", [
+    ((), ["0", "1", "2", "3"]),
+    # res4 (64 channels) and res5 (96) are not narrower than a 64-wide memory: their own factors
+    (("MODEL.MF_DETR.NUM_FEATURE_LEVELS", 5, "MODEL.MF_DETR.HIDDEN_DIM", 64), ["0", "1"]),
+])
+def test_folded_neck_gives_every_memory_reader_what_the_neck_gives_it(opts, factored):
+    """The value projections and the proposal projection of the factored memory equal those of the
+    plain memory, level by level, with and without padding (factored lateral levels, lateral levels
+    as wide as the memory, extra levels)."""
+    from mobileformer_det.modeling.inference import fold_neck
+
+    torch.manual_seed(0)
+    model = build_model(toy_cfg(*opts)).eval()
+    with torch.no_grad():
+        for p in model.neck.parameters():   # LayerNorm and biases away from their initial 1 and 0
+            p.add_(torch.randn_like(p) * 0.3)
+        model.level_embed.normal_()
+    folded = fold_neck(copy.deepcopy(model))
+    assert list(folded.neck.variance) == factored
+    x = torch.randn(2, 3, 96, 128)
+    readers = [lambda t: t.decoder[i].cross_attn.value_proj for i in range(len(model.transformer.decoder))]
+    readers.append(lambda t: t.enc_output[0])
+    for sizes in (None, torch.tensor([[96, 128], [70, 100]])):
+        with torch.no_grad():
+            plain, factored = model.encode(x, sizes), folded.encode(x, sizes)
+            lengths = [h * w for h, w in plain["spatial_shapes"]]
+            assert [f.shape[2] for f in factored["memory"]] == lengths
+            for reader in readers:
+                expected = reader(model.transformer)(plain["memory"]).split(lengths, 1)
+                maps = reader(folded.transformer)(factored["memory"])              # channels first
+                rows = reader(folded.transformer)(factored["memory"], rows=True)
+                for e, m, r in zip(expected, maps, rows):
+                    torch.testing.assert_close(m.transpose(1, 2), e, atol=1e-4, rtol=1e-4)
+                    torch.testing.assert_close(r, e, atol=1e-4, rtol=1e-4)
+
+
+def test_folded_neck_keeps_the_detections(overfit_toy):
+    """The trained toy model, plain and prepared for inference (batch norm folded, neck folded,
+    channels last): the same detections on one image and on a padded batch of two."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    model = build_model(toy_cfg()).eval()
+    DetectionCheckpointer(model).load(overfit_toy["weights"])
+    fast = prepare_for_inference(copy.deepcopy(model))
+    assert fast.factored_memory
+    normalised = []
+    hook = fast.neck.lateral[0][1].register_forward_hook(lambda *a: normalised.append(1))
+    files = _subset_files(overfit_toy)
+    images = [torch.from_numpy(_rgb(overfit_toy["image_root"], f).transpose(2, 0, 1).copy()) for f in files[:2]]
+    batch = [{"image": images[0]}, {"image": images[1][:, :-24, :-40]}]
+    for inputs in (batch[:1], batch):
+        with torch.no_grad():
+            expected, got = model(inputs), fast(inputs)
+        for e, g in zip(expected, got):
+            e, g = e["instances"], g["instances"]
+            assert g.pred_classes.tolist() == e.pred_classes.tolist()
+            torch.testing.assert_close(g.scores, e.scores, atol=1e-4, rtol=0)
+            torch.testing.assert_close(g.pred_boxes.tensor, e.pred_boxes.tensor, atol=1e-2, rtol=0)
+    hook.remove()
+    assert not normalised, "the folded model still normalised the memory"
 
 
 def test_two_stage_box_head_on_the_selected_positions_only():
@@ -192,4 +254,5 @@ def test_benchmark_models_do_not_let_onnxruntime_merge_the_decoder_layers(tmp_pa
         ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         nodes = onnx.load(options.optimized_model_filepath).graph.node
         counts[name] = sum("value_proj" in n.name and n.op_type in ("MatMul", "Gemm", "FusedMatMul") for n in nodes)
-    assert counts == {"fresh": 1, "benchmark": cfg.MODEL.MF_DETR.DEC_LAYERS}, counts
+    levels = cfg.MODEL.MF_DETR.NUM_FEATURE_LEVELS  # the folded neck: one product per level and layer
+    assert counts == {"fresh": levels, "benchmark": levels * cfg.MODEL.MF_DETR.DEC_LAYERS}, counts

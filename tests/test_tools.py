@@ -138,14 +138,17 @@ def test_benchmark_breakdown_lists_every_part():
                    "--warmup", 1, "--input-size", 64, 96, "--runtime", "plain", "torch", "onnxruntime")
     assert result.returncode == 0, result.stderr[-3000:]
     table = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert table[0][2:5] == ["plain ms", "torch ms", "onnxruntime ms"]
+    assert table[0][1:6] == ["GFLOPs", "GFLOPs (torch)", "plain ms", "torch ms", "onnxruntime ms"]
     rows = {r[0]: r for r in table[1:]}
     for part in ("backbone stem", "neck", "query selection (two-stage)", "decoder layer 0", "decoder layer 2",
                  "post-processing (top-k, boxes)", "layout reorders (onnxruntime only)", "total"):
         assert part in rows, (part, result.stdout)
     for part in ("backbone res2", "backbone res3", "backbone res4", "backbone res5", "neck", "decoder layer 0",
                  "decoder layer 2", "total"):
-        assert float(rows[part][4]) > 0, (part, result.stdout)
+        assert float(rows[part][5]) > 0, (part, result.stdout)
+    # the folded neck: each decoder layer projects the backbone's narrower maps, not the memory
+    for part in ("decoder layer 0", "query selection (two-stage)", "total"):
+        assert float(rows[part][2]) < float(rows[part][1]), (part, result.stdout)
 
 
 @pytest.mark.slow

@@ -246,6 +246,7 @@ def bench_breakdown(args, cfg):
     plain = build_eval_model(cfg)
     models = {"plain": plain, "torch": prepare_for_inference(copy.deepcopy(plain))}
     flops, total_flops = _flops_by_part(plain, _parts(plain), height, width)
+    fast_flops, fast_total = _flops_by_part(models["torch"], _parts(models["torch"]), height, width)
     inputs = [{"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8), "height": height, "width": width}]
     tmpdir = tempfile.TemporaryDirectory()
     if "onnxruntime" in args.runtime:  # exported before the timing hooks go on
@@ -287,17 +288,19 @@ def bench_breakdown(args, cfg):
     for part in list(flops) + ([REORDERS] if "onnxruntime" in medians else []) + [OTHER, "total"]:
         if part == OTHER:
             values = {n: m["total"] - sum(v for k, v in m.items() if k != "total") for n, m in medians.items()}
-            part_flops = total_flops - sum(flops.values())
+            part_flops = [total_flops - sum(flops.values()), fast_total - sum(fast_flops.values())]
         else:
             values = {n: m[part] for n, m in medians.items()}
-            part_flops = total_flops if part == "total" else flops.get(part, 0.0)
-        rows.append([part, f"{part_flops:.3f}", *(f"{v:.1f}" for v in values.values()),
+            part_flops = [total_flops, fast_total] if part == "total" else [flops.get(part, 0.0), fast_flops.get(part, 0.0)]
+        rows.append([part, *(f"{f:.3f}" for f in part_flops), *(f"{v:.1f}" for v in values.values()),
                      f"{100 * values['torch'] / medians['torch']['total']:.0f}%"])
     print(f"\nMF-DETR {cfg.MODEL.MOBILEFORMER.VARIANT} at {height}x{width}, batch 1: median ms per part over "
-          f"{args.runs} interleaved runs (plain: as trained; torch: batch norm folded, channels-last backbone"
+          f"{args.runs} interleaved runs (plain: as trained; torch: batch norm folded, neck folded into the "
+          "memory's readers, channels-last backbone"
           + ("; onnxruntime: the exported graph, profiled, its top-level nodes (normalisation, top-k) in other"
              if "onnxruntime" in medians else "") + ")")
-    print(tabulate(rows, ["part", "GFLOPs", *(f"{n} ms" for n in medians), "share (torch)"], tablefmt="pipe"))
+    print(tabulate(rows, ["part", "GFLOPs", "GFLOPs (torch)", *(f"{n} ms" for n in medians), "share (torch)"],
+                   tablefmt="pipe"))
 
 
 def _timed(fn, part, current):

@@ -5,25 +5,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .factored_memory import FactoredMemory
+
 
 def multi_scale_deformable_attention(value, spatial_shapes, sampling_locations, attention_weights):
     """Bilinearly sample every level at the given locations and sum with the attention weights.
 
     Args:
-        value: ``[N, S, heads, C_h]``, the flattened maps of all levels (S = sum of H_l * W_l).
+        value: list over levels of ``[N, heads * C_h, H_l * W_l]``, the flattened maps, channels first.
         spatial_shapes: list of ``(H_l, W_l)``.
         sampling_locations: ``[N, Q, heads, L, P, 2]``, (x, y) in [0, 1] of the padded map.
         attention_weights: ``[N, Q, heads, L, P]``, softmax-normalised over L*P.
     Returns:
         ``[N, Q, heads * C_h]``.
     """
-    n, _, heads, ch = value.shape
-    _, q, _, levels, points, _ = sampling_locations.shape
-    values = value.split([h * w for h, w in spatial_shapes], dim=1)
+    n, q, heads, levels, points, _ = sampling_locations.shape
+    ch = value[0].shape[1] // heads
     grids = 2 * sampling_locations - 1
     sampled = []
     for lvl, (h, w) in enumerate(spatial_shapes):
-        v = values[lvl].flatten(2).transpose(1, 2).reshape(n * heads, ch, h, w)
+        v = value[lvl].reshape(n * heads, ch, h, w)
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)                  # [N*heads, Q, P, 2]
         sampled.append(F.grid_sample(v, g.to(v.dtype), mode="bilinear", padding_mode="zeros", align_corners=False))
     sampled = torch.stack(sampled, dim=-2).flatten(-2)                          # [N*heads, C_h, Q, L*P]
@@ -72,17 +73,21 @@ class MSDeformAttn(nn.Module):
         Args:
             query: ``[N, Q, dim]`` (position embedding already added).
             reference: ``[N, Q, L, 2]`` points or ``[N, Q, L, 4]`` boxes, normalised to the padded map.
-            value: ``[N, S, dim]`` flattened maps of all levels.
+            value: ``[N, S, dim]`` flattened maps of all levels, or their ``FactoredMemory`` (then
+                ``value_proj`` is a ``MemoryLinear``, see ``inference.fold_neck``).
             spatial_shapes: list of ``(H_l, W_l)``.
             padding_mask: ``[N, S]`` bool, True on padding (those values are zeroed).
         Returns:
             ``[N, Q, dim]``.
         """
         n, q, _ = query.shape
-        value = self.value_proj(value)
+        sizes = [h * w for h, w in spatial_shapes]
+        if isinstance(value, FactoredMemory):  # the neck folded in: [N, dim, H_l * W_l] per level already
+            value = self.value_proj(value)
+        else:
+            value = [v.transpose(1, 2) for v in self.value_proj(value).split(sizes, 1)]
         if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)
-        value = value.view(n, value.shape[1], self.num_heads, -1)
+            value = [v.masked_fill(m[:, None], 0.0) for v, m in zip(value, padding_mask.split(sizes, 1))]
         offsets = self.sampling_offsets(query).view(n, q, self.num_heads, self.num_levels, self.num_points, 2)
         weights = self.attention_weights(query).view(n, q, self.num_heads, self.num_levels * self.num_points)
         weights = weights.softmax(-1).view(n, q, self.num_heads, self.num_levels, self.num_points)

@@ -9,6 +9,7 @@ from torchvision.ops import box_convert
 
 from .criterion import SetCriterion
 from .denoising import build_denoising_queries
+from .factored_memory import FactoredMemory
 from .matcher import HungarianMatcher
 from ..backbone.layers import valid_mask
 from .position_encoding import sine_embed_mask
@@ -36,24 +37,82 @@ class Neck(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+        self.variance = nn.ModuleDict()  # level -> 1x1 conv by R, filled by ``factorise``
 
-    def forward(self, maps, mask_fn=None):
+    def forward(self, maps, mask_fn=None, factored=False):
         """
         Args:
             maps: list of ``[N, C_l, H_l, W_l]``, zero on padding.
             mask_fn: optional ``(stride multiplier, h, w) -> [N, 1, h, w]`` valid mask of an extra
                 level, used to zero its padding before the next stride-2 conv reads it.
+            factored: after :meth:`factorise`, give each level as its factor for inference
+                (``factored_memory.py``): a lateral level narrower than the output as
+                ``[x * r, r, 1]`` ``[N, C_l + 2, H_l, W_l]`` (``r``: the reciprocal standard
+                deviation its LayerNorm divides by at each position), any other level as
+                ``[y, 1]`` ``[N, dim + 1, H_l, W_l]`` with ``y`` what ``forward`` gives.
         Returns:
-            list of ``[N, dim, H_l, W_l]``, the extra levels last.
+            list of ``[N, dim, H_l, W_l]`` (or their factors), the extra levels last.
         """
-        out = [proj(x) for proj, x in zip(self.lateral, maps)]
-        x = maps[-1]
+        out = []
+        for lvl, ((conv, norm), x) in enumerate(zip(self.lateral, maps)):
+            if factored and str(lvl) in self.variance:
+                # |R [x; 1]|^2 / dim is the variance over the conv's output channels: a product with
+                # R's C_l + 1 rows instead of the conv's dim, and a sum of squares (no cancellation)
+                variance = self.variance[str(lvl)](x).pow(2).sum(1, keepdim=True) / norm.weight.shape[0]
+                r = torch.rsqrt(variance + norm.eps)
+                out.append(torch.cat([x * r, r, torch.ones_like(r)], 1))
+            else:
+                out.append(_with_ones(norm(conv(x))) if factored else norm(conv(x)))
+        extra = self._extra_levels(maps[-1], mask_fn)
+        return out + ([_with_ones(y) for y in extra] if factored else extra)
+
+    @torch.no_grad()
+    def factorise(self, level_embed):
+        """Prepare ``forward(factored=True)`` and return ``M_l`` ``[dim, K_l]`` (float64) of each
+        level, with ``memory_l = M_l factor_l`` at every position once the level embedding
+        ``level_embed[l]`` is added (see ``factored_memory.py``). The lateral levels that have
+        fewer channels than the output (C_l + 2 <= dim) are factored; the other levels are their own
+        factors (``M_l = [I | e_l]``). Changes no weight of the trained model."""
+        dim = level_embed.shape[1]
+        embed = level_embed.double()
+        eye = torch.eye(dim, dtype=torch.float64, device=level_embed.device)
+        self.variance.clear()
+        factors = []
+        for lvl, (conv, norm) in enumerate(self.lateral):
+            weight = conv.weight.double().flatten(1)                              # [dim, C_l]
+            if weight.shape[1] + 2 > dim:
+                factors.append(torch.cat([eye, embed[lvl][:, None]], 1))
+                continue
+            # LayerNorm first subtracts the mean over the output channels: linear in [x; 1]
+            bias = conv.bias.double()
+            centred = torch.cat([weight - weight.mean(0), (bias - bias.mean())[:, None]], 1)
+            r = torch.linalg.qr(centred, mode="r")[1]                           # [C_l + 1, C_l + 1]
+            variance = nn.utils.skip_init(nn.Conv2d, weight.shape[1], r.shape[0], 1,
+                                          device=conv.weight.device, dtype=conv.weight.dtype)
+            variance.weight.copy_(r[:, :-1, None, None])
+            variance.bias.copy_(r[:, -1])
+            variance.requires_grad_(False)
+            self.variance[str(lvl)] = variance
+            gamma = norm.weight.double()[:, None]
+            factors.append(torch.cat([gamma * centred, (norm.bias.double() + embed[lvl])[:, None]], 1))
+        for lvl in range(len(self.lateral), level_embed.shape[0]):
+            factors.append(torch.cat([eye, embed[lvl][:, None]], 1))
+        return factors
+
+    def _extra_levels(self, x, mask_fn):
+        """The extra levels from the last map ``x``: list of ``[N, dim, H_l, W_l]``."""
+        out = []
         for i, conv in enumerate(self.extra):
             x = conv(x)
             if mask_fn is not None:
                 x = x * mask_fn(2 ** (i + 1), *x.shape[-2:]).to(x.dtype)
             out.append(x)
         return out
+
+
+def _with_ones(y):
+    """``[N, C, H, W]`` -> ``[N, C + 1, H, W]``, a channel of ones appended (it carries biases)."""
+    return torch.cat([y, y.new_ones(y.shape[0], 1, *y.shape[2:])], 1)
 
 
 @META_ARCH_REGISTRY.register()
@@ -81,6 +140,9 @@ class MFDETR(nn.Module):
         self.dn_negatives = dn_negatives
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        # True once ``inference.fold_neck`` has folded the neck into the memory's readers:
+        # ``encode`` then returns the memory as a ``FactoredMemory``.
+        self.factored_memory = False
 
     @classmethod
     def from_config(cls, cfg):
@@ -148,7 +210,8 @@ class MFDETR(nn.Module):
             images: ``[N, 3, H, W]`` normalised, zero-padded images.
             image_sizes: ``[N, 2]`` int tensor of each image's (h, w) before padding, or None when
                 no image is padded (then no mask is computed anywhere).
-        Returns a dict: ``memory`` ``[N, S, dim]`` (with the level embedding), ``pos`` ``[N, S, dim]``
+        Returns a dict: ``memory`` ``[N, S, dim]`` (with the level embedding; a ``FactoredMemory``
+        after ``inference.fold_neck``), ``pos`` ``[N, S, dim]``
         (sine position encoding; None without an encoder), ``padding_mask`` ``[N, S]`` (True on
         padding; None without padding), ``spatial_shapes`` list of (H_l, W_l), ``valid_ratios``
         ``[N, L, 2]``, ``tokens``/``token_pos`` ``[N, M, dim]`` (None without ``USE_TOKENS``).
@@ -161,7 +224,8 @@ class MFDETR(nn.Module):
         strides = [self.backbone.output_shape()[f].stride for f in self.in_features]
         last = strides[-1]
         maps = self.neck([features[f] for f in self.in_features],
-                         None if image_sizes is None else lambda k, h, w: valid_mask(image_sizes, last * k, h, w))
+                         None if image_sizes is None else lambda k, h, w: valid_mask(image_sizes, last * k, h, w),
+                         factored=self.factored_memory)
         strides += [last * 2 ** (i + 1) for i in range(len(maps) - len(strides))]
         n = images.shape[0]
         memory, pos, masks, shapes, ratios = [], [], [], [], []
@@ -170,7 +234,9 @@ class MFDETR(nn.Module):
             shapes.append((h, w))
             # The level embedding is added to the features themselves: the decoder and the proposal
             # heads read them without positions (deformable attention samples each level apart).
-            memory.append(x.flatten(2).transpose(1, 2) + self.level_embed[lvl].to(x.dtype))
+            # A factored memory holds it in its readers' weights.
+            x = x.flatten(2)                                                     # [N, C, H_l * W_l]
+            memory.append(x if self.factored_memory else x.transpose(1, 2) + self.level_embed[lvl].to(x.dtype))
             if image_sizes is None:
                 m = None
             else:
@@ -181,7 +247,8 @@ class MFDETR(nn.Module):
                 m = torch.zeros(n, h, w, dtype=torch.bool, device=x.device) if m is None else m
                 pos.append(sine_embed_mask(m, x.shape[1] // 2).to(x.dtype).flatten(2).transpose(1, 2))
         return {
-            "memory": torch.cat(memory, 1), "pos": torch.cat(pos, 1) if pos else None,
+            "memory": FactoredMemory(memory) if self.factored_memory else torch.cat(memory, 1),
+            "pos": torch.cat(pos, 1) if pos else None,
             "padding_mask": torch.cat(masks, 1) if masks else None, "spatial_shapes": shapes,
             "valid_ratios": torch.stack(ratios, 1) if ratios else torch.ones(n, len(maps), 2, device=images.device),
             "tokens": tokens, "token_pos": token_pos,

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .deformable_attention import MSDeformAttn
+from .factored_memory import FactoredMemory
 from .position_encoding import sine_embed_coords
 
 
@@ -81,7 +82,7 @@ class DecoderLayer(nn.Module):
         Args:
             query, query_pos: ``[N, Q, dim]``.
             reference: ``[N, Q, L, 4]`` boxes (cx, cy, w, h) normalised to each padded level.
-            memory: ``[N, S, dim]``; padding_mask ``[N, S]`` or None.
+            memory: ``[N, S, dim]`` or its ``FactoredMemory``; padding_mask ``[N, S]`` or None.
             tokens, token_pos: ``[N, M, dim]``, the projected global tokens and their embeddings
                 (None when the layer was built without ``use_tokens``).
             self_attn_mask: optional ``[N * heads, Q, Q]`` bool, True where a query may not look
@@ -178,15 +179,19 @@ class Transformer(nn.Module):
         Returns (reference boxes ``[N, Q, 4]`` in sigmoid space, detached; encoder outputs
         ``{"pred_logits": [N, Q, K], "pred_boxes": [N, Q, 4]}`` of the selected positions).
         """
-        centres = self._grid_references(spatial_shapes, valid_ratios, memory.device)   # [N, S, 2]
+        device = valid_ratios.device
+        centres = self._grid_references(spatial_shapes, valid_ratios, device)          # [N, S, 2]
         level_sizes = torch.cat([
-            torch.full((h * w,), 0.05 * 2.0 ** lvl, device=memory.device) for lvl, (h, w) in enumerate(spatial_shapes)
+            torch.full((h * w,), 0.05 * 2.0 ** lvl, device=device) for lvl, (h, w) in enumerate(spatial_shapes)
         ])
         anchors = torch.cat([centres, level_sizes[None, :, None].expand(*centres.shape[:2], 2)], -1)
         valid = ((anchors > 0.01) & (anchors < 0.99)).all(-1)
         if padding_mask is not None:
             valid = valid & ~padding_mask
-        output = self.enc_output(memory.masked_fill(~valid[..., None], 0.0))
+        if isinstance(memory, FactoredMemory):  # inference.fold_neck: enc_output[0] is a MemoryLinear
+            output = self.enc_output[1](torch.cat(self.enc_output[0](memory, rows=True), 1))
+        else:
+            output = self.enc_output(memory)
         logits = self.enc_class_head(output)
         scores = logits.max(-1)[0].masked_fill(~valid, float("-inf"))
         k = min(num_queries, scores.shape[1])
@@ -195,15 +200,22 @@ class Transformer(nn.Module):
         def gather(x):
             return torch.gather(x, 1, topk[..., None].expand(-1, -1, x.shape[-1]))
 
-        anchors = inverse_sigmoid(gather(anchors)).masked_fill(~torch.gather(valid, 1, topk)[..., None], 0.0)
-        boxes = self.enc_box_head(gather(output)) + anchors                      # sigmoid space
-        return boxes.detach().sigmoid(), {"pred_logits": gather(logits), "pred_boxes": boxes.sigmoid()}
+        # An invalid position (chosen only when fewer than k are valid) reads a zero memory, as in
+        # Deformable DETR; masking the k chosen rows instead of all S costs nothing.
+        chosen = torch.gather(valid, 1, topk)[..., None]
+        empty = self.enc_output[1](self.enc_output[0].bias[None])                 # enc_output of a zero row
+        output = torch.where(chosen, gather(output), empty)
+        logits = torch.where(chosen, gather(logits), self.enc_class_head(empty))
+        anchors = inverse_sigmoid(gather(anchors)).masked_fill(~chosen, 0.0)
+        boxes = self.enc_box_head(output) + anchors                              # sigmoid space
+        return boxes.detach().sigmoid(), {"pred_logits": logits, "pred_boxes": boxes.sigmoid()}
 
     def forward(self, memory, pos, padding_mask, spatial_shapes, valid_ratios, tokens=None, token_pos=None,
                 denoising=None):
         """
         Args:
-            memory: ``[N, S, dim]`` flattened maps of all levels; pos: their position encoding
+            memory: ``[N, S, dim]`` flattened maps of all levels, or their ``FactoredMemory``
+                (inference with the neck folded in, no encoder); pos: their position encoding
                 (used by the encoder only).
             padding_mask: ``[N, S]`` bool, True on padding; None when no image is padded.
             spatial_shapes: list of ``(H_l, W_l)``.
@@ -216,12 +228,12 @@ class Transformer(nn.Module):
             of the Q one-to-one proposals or None). Q2 = ``num_queries_one2many`` in training, else 0.
         """
         if len(self.encoder):
-            reference = self._grid_references(spatial_shapes, valid_ratios, memory.device)
+            reference = self._grid_references(spatial_shapes, valid_ratios, valid_ratios.device)
             reference = reference[:, :, None] * valid_ratios[:, None]            # [N, S, L, 2]
             for layer in self.encoder:
                 memory = layer(memory, pos, reference, spatial_shapes, padding_mask)
 
-        n = memory.shape[0]
+        n, device = valid_ratios.shape[0], valid_ratios.device
         num_one2many = self.num_queries_one2many if self.training else 0
         num_queries = self.num_queries + num_one2many
         enc_outputs = None
@@ -231,7 +243,7 @@ class Transformer(nn.Module):
         else:
             reference = self.reference_boxes.weight[:num_queries].sigmoid()[None].expand(n, -1, -1)
         query = self.query_embed.weight[None, : reference.shape[1]].expand(n, -1, -1)
-        self_attn_mask = self._self_attn_mask(denoising, reference.shape[1], num_one2many, memory.device)
+        self_attn_mask = self._self_attn_mask(denoising, reference.shape[1], num_one2many, device)
         if denoising is not None:
             query = torch.cat([denoising["query"].to(query.dtype), query], 1)
             reference = torch.cat([denoising["reference"], reference], 1)
