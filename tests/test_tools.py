@@ -113,7 +113,8 @@ def test_benchmark_table_of_the_seven_variants():
     assert list(rows) == ["mf508", "mf294", "mf214", "mf151", "mf96", "mf52", "mf26"]
     assert {r[1] for r in rows.values()} == {"128x3"}  # the toy config's decoder on every backbone
     params = [float(r[2]) for r in rows.values()]
-    assert params == sorted(params, reverse=True) and all(float(r[4]) > 0 for r in rows.values())
+    assert params == sorted(params, reverse=True) and all(float(r[5]) > 0 for r in rows.values())
+    assert all(0 < float(r[4]) < float(r[3]) for r in rows.values())  # prepared: batch norm and neck folded
 
 
 def test_benchmark_variants_builds_each_recipe_with_its_own_decoder():

@@ -16,7 +16,8 @@ on CUDA) on a synthetic batch. ``eval`` times each ``--runtime`` at batch 1 and 
 p90 over ``--runs`` after ``--warmup``, the runtimes taken in turns) and, in the same run,
 torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` (random weights: speed only) at
 ``--compare-size`` (default: the same size), with each one's ratio to the first runtime.
-``variants`` prints parameters, GFLOPs and the latency of each ``--runtime`` at batch 1 for each
+``variants`` prints parameters, GFLOPs (as trained, and as the prepared model computes them:
+batch norm and neck folded) and the latency of each ``--runtime`` at batch 1 for each
 config's detector when given several configs (e.g. every variant's recipe, each with its own decoder),
 or for one config's detector on each of the seven backbones. ``--breakdown`` splits one inference
 into parts (backbone stages, neck, query selection, decoder layers ...) beside their fvcore GFLOPs:
@@ -353,6 +354,7 @@ def bench_variants(args, cfgs):
     ``--input-size``, batch 1: each config's detector, or, given one config, its detector on every
     Mobile-Former variant."""
     from mobileformer_det.modeling import VARIANTS
+    from mobileformer_det.modeling.inference import prepare_for_inference
     from mobileformer_det.utils.flops import detector_flops_by_module
 
     if len(cfgs) == 1:
@@ -369,6 +371,7 @@ def bench_variants(args, cfgs):
             model = build_eval_model(c)
             params = sum(p.numel() for p in model.parameters()) / 1e6
             gflops, _ = detector_flops_by_module(model, height, width)
+            prepared_gflops, _ = detector_flops_by_module(prepare_for_inference(copy.deepcopy(model)), height, width)
             os.makedirs(os.path.join(tmpdir, str(i)))
             runners = _runners(args, c, model, height, width, os.path.join(tmpdir, str(i)))
             with torch.no_grad():
@@ -376,10 +379,10 @@ def bench_variants(args, cfgs):
                                          torch.device(c.MODEL.DEVICE), args.runs, args.warmup)
             medians = [1000 * np.median(t) for t in times.values()]
             rows.append([c.MODEL.MOBILEFORMER.VARIANT, os.path.basename(path),
-                         f"{d.HIDDEN_DIM}x{d.DEC_LAYERS}", f"{params:.2f}", f"{gflops:.2f}",
+                         f"{d.HIDDEN_DIM}x{d.DEC_LAYERS}", f"{params:.2f}", f"{gflops:.2f}", f"{prepared_gflops:.2f}",
                          *(f"{m:.1f}" for m in medians)])
     print(f"\nMF-DETR on each backbone at {height}x{width}, batch 1 (decoder: width x layers):")
-    print(tabulate(rows, ["variant", "config", "decoder", "params (M)", "GFLOPs",
+    print(tabulate(rows, ["variant", "config", "decoder", "params (M)", "GFLOPs", "GFLOPs (torch)",
                           *(f"{r} ms" for r in args.runtime)], tablefmt="pipe"))
 
 

@@ -7,8 +7,8 @@
 The graph takes ``images``: float32 ``[N, 3, H, W]``, RGB, 0-255 (normalisation is inside), H x W
 fixed at export; it returns ``boxes`` ``[N, K, 4]`` (xyxy, input pixels), ``scores`` ``[N, K]`` and
 ``labels`` ``[N, K]`` (contiguous class index; the dataset's names and ids are in its metadata),
-K = MODEL.MF_DETR.TEST_TOPK, after the top-k: a runtime needs no post-processing. Batch norm is
-folded into the convolutions. Images of another size are letterboxed (see mobileformer_det/deploy.py).
+K = MODEL.MF_DETR.TEST_TOPK, after the top-k: a runtime needs no post-processing. Batch norm and
+the neck are folded (mobileformer_det/modeling/inference.py). Images of another size are letterboxed (see mobileformer_det/deploy.py).
 After export, ONNX Runtime runs the graph once on a random image and the largest difference to
 PyTorch is printed.
 """
@@ -44,7 +44,10 @@ def main(argv=None):
 
     cfg = setup_cfg(args.config_file, args.opts + ["MODEL.DEVICE", "cpu"])
     if not cfg.MODEL.WEIGHTS:
-        logger.warning("no MODEL.WEIGHTS given: exporting randomly initialised weights")
+        logger.warning("no MODEL.WEIGHTS given: exporting randomly initialised weights. Do not time this file: "
+                       "a fresh detector's decoder layers are copies of one another, and ONNX Runtime and "
+                       "OpenVINO compute their equal value projections once instead of once per layer "
+                       "(tools/benchmark.py makes the weights distinct)")
     model = load_model(cfg)
     export_onnx(model, args.output, height, width, dynamic_batch=args.dynamic_batch, opset=args.opset)
     logger.info(f"wrote {args.output}: images [{'N' if args.dynamic_batch else 1}, 3, {height}, {width}] -> "
