@@ -91,6 +91,15 @@ def test_folded_neck_gives_every_memory_reader_what_the_neck_gives_it(opts, fact
                     torch.testing.assert_close(r, e, atol=1e-4, rtol=1e-4)
 
 
+def test_a_model_prepared_for_inference_refuses_to_train():
+    from helpers import make_instances
+
+    model = prepare_for_inference(build_model(toy_cfg())).train()
+    batch = [{"image": torch.zeros(3, 64, 96, dtype=torch.uint8), "instances": make_instances([[4, 4, 40, 40]], [0], (64, 96))}]
+    with pytest.raises(RuntimeError, match="prepared for inference"):
+        model(batch)
+
+
 def test_folded_neck_keeps_the_detections(overfit_toy):
     """The trained toy model, plain and prepared for inference (batch norm folded, neck folded,
     channels last): the same detections on one image and on a padded batch of two."""

@@ -41,8 +41,8 @@ def fold_neck(model):
     """Fold MF-DETR's neck (1x1 conv + LayerNorm per level, level embedding) into the linear layers
     that read the memory, the decoder's value projections and the two-stage proposal projection:
     they then read the backbone's maps directly (see ``detr/factored_memory.py``). Applies when
-    there is no encoder (which would rewrite the memory); else leaves ``model`` as it is. In place;
-    returns ``model``."""
+    there is no encoder (which would rewrite the memory); else leaves ``model`` as it is. Inference
+    only: the folded model refuses to train. In place; returns ``model``."""
     transformer = model.transformer
     if len(transformer.encoder) or model.factored_memory:
         return model

@@ -266,6 +266,9 @@ class MFDETR(nn.Module):
             outputs, _ = self.transformer(**self.encode_images(images))
             return self.postprocess(outputs[-1], batched_inputs, images.image_sizes)
 
+        if self.factored_memory:
+            raise RuntimeError("this MF-DETR was prepared for inference (its neck is folded into the decoder): "
+                               "train the model as built, and prepare a copy for inference")
         targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images.image_sizes)
         denoising = None
         if self.dn_number > 0:  # also when no image has a box: every worker computes the same losses
