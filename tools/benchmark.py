@@ -185,6 +185,14 @@ def _parts(model):
     return parts
 
 
+def _modules_of(model, target):
+    """The modules a ``_parts`` entry covers (query selection: its three heads; methods: none)."""
+    if not isinstance(target, str):
+        return target
+    t = model.transformer
+    return [t.enc_output, t.enc_class_head, t.enc_box_head] if "select" in target else []
+
+
 def _flops_by_part(model, parts, height, width):
     from mobileformer_det.utils.flops import detector_flops_by_module
 
@@ -192,25 +200,12 @@ def _flops_by_part(model, parts, height, width):
     names = {module: name for name, module in model.named_modules()}
     flops = {}
     for part, target in parts.items():
-        if isinstance(target, str):
-            owner = model.transformer
-            modules = [owner.enc_output, owner.enc_class_head, owner.enc_box_head] if "select" in target else []
-        else:
-            modules = target
-        flops[part] = sum(by_module.get(names[m], 0.0) for m in modules)
+        flops[part] = sum(by_module.get(names[m], 0.0) for m in _modules_of(model, target))
     return flops, total
 
 
 REORDERS = "layout reorders (onnxruntime only)"
 OTHER = "other (glue, masks, flattening)"
-
-
-def _modules_of(model, target):
-    """The modules a ``_parts`` entry covers (query selection: its three heads; methods: none)."""
-    if not isinstance(target, str):
-        return target
-    t = model.transformer
-    return [t.enc_output, t.enc_class_head, t.enc_box_head] if "select" in target else []
 
 
 def _onnxruntime_by_part(profile, model, parts, skip):
@@ -237,8 +232,8 @@ def _onnxruntime_by_part(profile, model, parts, skip):
 
 
 def bench_breakdown(args, cfg):
-    """Milliseconds per part of one image's inference, plain model and prepared (BN folded,
-    channels-last backbone), and, with ``--runtime onnxruntime``, the exported graph (profiled by
+    """Milliseconds per part of one image's inference, plain model and prepared (batch norm and
+    neck folded, channels-last backbone), and, with ``--runtime onnxruntime``, the exported graph (profiled by
     ONNX Runtime), interleaved, beside each part's GFLOPs."""
     from mobileformer_det.deploy import export_onnx, onnx_session
     from mobileformer_det.modeling.inference import prepare_for_inference

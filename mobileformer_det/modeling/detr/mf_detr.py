@@ -86,11 +86,11 @@ class Neck(nn.Module):
             # LayerNorm first subtracts the mean over the output channels: linear in [x; 1]
             bias = conv.bias.double()
             centred = torch.cat([weight - weight.mean(0), (bias - bias.mean())[:, None]], 1)
-            r = torch.linalg.qr(centred, mode="r")[1]                           # [C_l + 1, C_l + 1]
-            variance = nn.utils.skip_init(nn.Conv2d, weight.shape[1], r.shape[0], 1,
+            tri = torch.linalg.qr(centred, mode="r")[1]                         # R: [C_l + 1, C_l + 1]
+            variance = nn.utils.skip_init(nn.Conv2d, weight.shape[1], tri.shape[0], 1,
                                           device=conv.weight.device, dtype=conv.weight.dtype)
-            variance.weight.copy_(r[:, :-1, None, None])
-            variance.bias.copy_(r[:, -1])
+            variance.weight.copy_(tri[:, :-1, None, None])
+            variance.bias.copy_(tri[:, -1])
             variance.requires_grad_(False)
             self.variance[str(lvl)] = variance
             gamma = norm.weight.double()[:, None]
