@@ -79,6 +79,9 @@ def add_mobileformer_config(cfg):
     # Detections kept per image (top-k over queries x classes) and their minimum score.
     cfg.MODEL.MF_DETR.TEST_TOPK = 100
     cfg.MODEL.MF_DETR.TEST_SCORE_THRESH = 0.0
+    # Class-wise NMS on those detections at this IoU; 0 = off (DETR's set prediction needs none once
+    # trained to the end; a briefly trained decoder still emits duplicates).
+    cfg.MODEL.MF_DETR.TEST_NMS_THRESH = 0.0
 
     # "ADAMW" (default) or "SGD".
     cfg.SOLVER.OPTIMIZER = "ADAMW"

@@ -20,7 +20,7 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 
 from .checkpoint import MobileFormerCheckpointer
-from .modeling.detr.mf_detr import top_detections
+from .modeling.detr.mf_detr import suppress_duplicates, top_detections
 from .modeling.inference import prepare_for_inference
 
 __all__ = ["TensorDetector", "export_onnx", "graph_runner", "Predictor", "RUNTIMES"]
@@ -34,6 +34,8 @@ class TensorDetector(nn.Module):
     ``forward(images [N, 3, H, W] float32 RGB 0-255)`` returns ``boxes [N, K, 4]`` (xyxy in input
     pixels, clipped to the image), ``scores [N, K]`` (descending) and ``labels [N, K]`` (int64,
     contiguous class index), K = ``MODEL.MF_DETR.TEST_TOPK``. No image is padded: no mask is built.
+    ``MODEL.MF_DETR.TEST_NMS_THRESH``'s suppression is left to the caller (:class:`Predictor` applies it),
+    so that the graph keeps fixed output shapes.
     """
 
     def __init__(self, model):
@@ -129,7 +131,8 @@ def onnx_input_size(path):
 
 class Predictor:
     """Run MF-DETR on RGB images with one of :data:`RUNTIMES`; returns ``Instances`` (``pred_boxes``
-    in the image's pixels, ``scores``, ``pred_classes``) above ``MODEL.MF_DETR.TEST_SCORE_THRESH``.
+    in the image's pixels, ``scores``, ``pred_classes``) above ``MODEL.MF_DETR.TEST_SCORE_THRESH``,
+    after ``MODEL.MF_DETR.TEST_NMS_THRESH``'s suppression (:func:`suppress_duplicates`).
 
     - ``torch``: the Detectron2 model (batch norm folded, channels-last backbone), any image size,
       Detectron2's test-time resize (``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST``).
@@ -144,6 +147,7 @@ class Predictor:
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         self.runtime, self.score_thresh = runtime, cfg.MODEL.MF_DETR.TEST_SCORE_THRESH
+        self.nms_thresh = cfg.MODEL.MF_DETR.TEST_NMS_THRESH
         self.fill = tuple(cfg.MODEL.PIXEL_MEAN)  # letterbox colour: zero after normalisation
         self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
         self.device = torch.device(cfg.MODEL.DEVICE)
@@ -189,7 +193,7 @@ class Predictor:
         result.pred_boxes.clip((height, width))
         result.scores = torch.from_numpy(scores[0][keep]).float()
         result.pred_classes = torch.from_numpy(labels[0][keep]).long()
-        return result
+        return suppress_duplicates(result, self.nms_thresh)
 
 
 def letterbox(rgb, size, fill):

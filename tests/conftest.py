@@ -10,7 +10,8 @@ from helpers import ROOT, toy_cfg
 
 @pytest.fixture(scope="session")
 def overfit_toy(tmp_path_factory):
-    """MF-DETR trained on four toy validation images (200 iterations through the Trainer).
+    """MF-DETR trained on four toy validation images (200 iterations through the Trainer), at their
+    own size (128x160, a size graphs can be exported at) and at the recipe's test size (160x200).
 
     Returns a dict: ``weights`` (model_final.pth), ``json`` and ``image_root`` of the four images
     (registered as ``mfdet_toy_subset``) and ``result`` (COCOEvaluator's bbox metrics on them).
@@ -31,7 +32,7 @@ def overfit_toy(tmp_path_factory):
     register_coco_instances("mfdet_toy_subset", {}, str(out / "subset.json"), os.path.join(root, "val"))
     cfg = toy_cfg("DATASETS.TRAIN", ("mfdet_toy_subset",), "DATASETS.TEST", ("mfdet_toy_subset",),
                   "SOLVER.MAX_ITER", 200, "SOLVER.STEPS", (160,), "SOLVER.IMS_PER_BATCH", 4, "SOLVER.BASE_LR", 1e-3,
-                  "SOLVER.WARMUP_ITERS", 20, "INPUT.MIN_SIZE_TRAIN", (128,), "TEST.EVAL_PERIOD", 0,
+                  "SOLVER.WARMUP_ITERS", 20, "INPUT.MIN_SIZE_TRAIN", (128, 160), "TEST.EVAL_PERIOD", 0,
                   "SOLVER.CHECKPOINT_PERIOD", 100000, "DATALOADER.NUM_WORKERS", 0, "OUTPUT_DIR", str(out))
     torch.manual_seed(0)
     trainer = Trainer(cfg)

@@ -111,6 +111,21 @@ def test_score_threshold_drops_low_scores():
     assert len(result) == 1 and result.scores[0] > 0.5
 
 
+@pytest.mark.parametrize("nms, classes", [(0.7, [0, 1, 0]), (0.0, [0, 0, 1, 0])])
+def test_nms_drops_only_overlapping_boxes_of_the_same_class(nms, classes):
+    """TEST_NMS_THRESH 0.7: a box of the same class at IoU 0.81 goes; the same box with another class
+    and a box of the same class at IoU 0.5 stay. 0 keeps all."""
+    model = build_model(toy_cfg("MODEL.MF_DETR.TEST_SCORE_THRESH", 0.5, "MODEL.MF_DETR.TEST_NMS_THRESH", nms)).eval()
+    model.num_classes = 2
+    logits = torch.full((1, 4, 2), -10.0)
+    logits[0, 0, 0], logits[0, 1, 0], logits[0, 2, 1], logits[0, 3, 0] = 4.0, 3.0, 2.0, 1.0
+    boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.4], [0.5, 0.5, 0.36, 0.36], [0.5, 0.5, 0.4, 0.4], [0.5, 0.5, 0.2, 0.4]]])
+    (result,) = model.inference(logits, boxes, [(100, 100)])
+    assert result.pred_classes.tolist() == classes
+    expected = [4.0, 2.0, 1.0] if nms else [4.0, 3.0, 2.0, 1.0]
+    torch.testing.assert_close(result.scores, torch.tensor(expected).sigmoid())
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_train_losses_for_every_variant(variant):
     cfg = toy_cfg("MODEL.MOBILEFORMER.VARIANT", variant, "MODEL.MF_DETR.DEC_LAYERS", 2)
@@ -125,7 +140,7 @@ def test_train_losses_for_every_variant(variant):
 
 
 def test_eval_on_an_image_without_objects_returns_instances():
-    model = build_model(toy_cfg()).eval()
+    model = build_model(toy_cfg("MODEL.MF_DETR.TEST_NMS_THRESH", 0.0)).eval()
     with torch.no_grad():
         (out,) = model([image_input(0, 64, 90, height=128, width=180)])
     inst = out["instances"]

@@ -19,6 +19,12 @@ from mobileformer_det.modeling.inference import prepare_for_inference
 
 TOY_CONFIG = os.path.join(ROOT, "configs", "mf_detr_toy.yaml")
 TOY_ROOT = os.path.join(ROOT, "datasets", "toy_coco")
+# The exported graphs' size: the toy images' own, 128x160, a multiple of 32, so that eager PyTorch pads
+# nothing either and the runtimes can agree to the pixel (the recipe tests at 160x200, which is not).
+AT_GRAPH_SIZE = ("INPUT.MIN_SIZE_TEST", 128, "INPUT.MAX_SIZE_TEST", 160)
+# Comparisons of two computations of the network turn the recipe's NMS off: of two duplicates with
+# nearly equal scores, float rounding may keep either. The NMS itself is tested on its own.
+NO_NMS = ("MODEL.MF_DETR.TEST_NMS_THRESH", 0.0)
 
 
 def _subset_files(overfit_toy):
@@ -105,7 +111,7 @@ def test_folded_neck_keeps_the_detections(overfit_toy):
     channels last): the same detections on one image and on a padded batch of two."""
     from detectron2.checkpoint import DetectionCheckpointer
 
-    model = build_model(toy_cfg()).eval()
+    model = build_model(toy_cfg(*NO_NMS)).eval()
     DetectionCheckpointer(model).load(overfit_toy["weights"])
     fast = prepare_for_inference(copy.deepcopy(model))
     assert fast.factored_memory
@@ -147,7 +153,7 @@ def test_two_stage_box_head_on_the_selected_positions_only():
 
 
 def test_tensor_detector_equals_the_detectron2_model(overfit_toy):
-    cfg = toy_cfg("MODEL.WEIGHTS", overfit_toy["weights"])
+    cfg = toy_cfg("MODEL.WEIGHTS", overfit_toy["weights"], *NO_NMS)
     from mobileformer_det.deploy import load_model
 
     model = load_model(cfg)
@@ -199,7 +205,7 @@ def test_runtimes_give_the_demo_the_same_detections(overfit_toy, exported_toy, t
         out = tmp_path / runtime
         _tool("demo.py", "--config-file", TOY_CONFIG, "--input", *inputs, "--output", out,
               "--confidence-threshold", 0.2, "--runtime", runtime, "--onnx", exported_toy,
-              "--opts", "MODEL.WEIGHTS", overfit_toy["weights"], "DATASETS.TOY_ROOT", TOY_ROOT)
+              "--opts", "MODEL.WEIGHTS", overfit_toy["weights"], "DATASETS.TOY_ROOT", TOY_ROOT, *AT_GRAPH_SIZE, *NO_NMS)
         results[runtime] = _demo_detections(out, names)
     assert sum(len(d) for d in results["torch"].values()) >= 4
     for runtime in ("onnxruntime", "openvino"):
@@ -209,6 +215,30 @@ def test_runtimes_give_the_demo_the_same_detections(overfit_toy, exported_toy, t
             for a, b in zip(ours, theirs):
                 assert np.abs(np.array(a["bbox"]) - np.array(b["bbox"])).max() < 0.5
                 assert abs(a["score"] - b["score"]) < 1e-3
+
+
+@pytest.mark.slow
+def test_the_demo_applies_nms_after_the_graph(overfit_toy, exported_toy, tmp_path):
+    """ONNX Runtime through the demo, all detections kept: with TEST_NMS_THRESH 0.3 no two boxes of a
+    class overlap by more than 0.3 IoU; with it off, some do (this model has no duplicates above 0.7)."""
+    from torchvision.ops import box_iou
+
+    inputs = [os.path.join(overfit_toy["image_root"], f) for f in _subset_files(overfit_toy)]
+    overlapping = {}
+    for nms in (0.3, 0.0):
+        out = tmp_path / str(nms)
+        _tool("demo.py", "--config-file", TOY_CONFIG, "--input", *inputs, "--output", out, "--confidence-threshold", 0.0,
+              "--runtime", "onnxruntime", "--onnx", exported_toy, "--opts", "MODEL.WEIGHTS", overfit_toy["weights"],
+              "DATASETS.TOY_ROOT", TOY_ROOT, "MODEL.MF_DETR.TEST_NMS_THRESH", nms)
+        pairs = 0
+        for detections in _demo_detections(out, [os.path.splitext(os.path.basename(f))[0] for f in inputs]).values():
+            boxes = torch.tensor([d["bbox"] for d in detections], dtype=torch.float64).reshape(-1, 4)
+            boxes[:, 2:] += boxes[:, :2]                                                     # xywh -> xyxy
+            labels = torch.tensor([d["category_id"] for d in detections])
+            same = (labels[:, None] == labels[None]) & ~torch.eye(len(labels), dtype=torch.bool)
+            pairs += int(((box_iou(boxes, boxes) > 0.3) & same).sum())
+        overlapping[nms] = pairs
+    assert overlapping[0.3] == 0 and overlapping[0.0] > 0, overlapping
 
 
 def test_onnx_runtime_with_a_batch_equals_pytorch(overfit_toy, exported_toy):
@@ -231,7 +261,7 @@ def test_onnx_runtime_with_a_batch_equals_pytorch(overfit_toy, exported_toy):
 
 @pytest.mark.slow
 def test_compiled_runtime_equals_eager(overfit_toy):
-    cfg = toy_cfg("MODEL.WEIGHTS", overfit_toy["weights"])
+    cfg = toy_cfg("MODEL.WEIGHTS", overfit_toy["weights"], *AT_GRAPH_SIZE, *NO_NMS)
     rgb = _rgb(overfit_toy["image_root"], _subset_files(overfit_toy)[0])
     eager = Predictor(cfg, "torch")(rgb)
     compiled = Predictor(cfg, "compile", input_size=(128, 160))(rgb)

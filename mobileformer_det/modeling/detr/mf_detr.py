@@ -5,7 +5,7 @@ from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
-from torchvision.ops import box_convert
+from torchvision.ops import batched_nms, box_convert
 
 from .criterion import SetCriterion
 from .denoising import build_denoising_queries
@@ -15,7 +15,7 @@ from ..backbone.layers import valid_mask
 from .position_encoding import sine_embed_mask
 from .transformer import Transformer
 
-__all__ = ["MFDETR", "top_detections"]
+__all__ = ["MFDETR", "top_detections", "suppress_duplicates"]
 
 
 class Neck(nn.Module):
@@ -128,14 +128,15 @@ class MFDETR(nn.Module):
     @configurable
     def __init__(self, *, backbone, in_features, num_classes, transformer, criterion, neck, token_proj,
                  token_pos, level_embed, pixel_mean, pixel_std, input_format="RGB", test_topk=100,
-                 test_score_thresh=0.0, dn_number=0, dn_label_noise=0.2, dn_box_noise=0.4, dn_negatives=False):
+                 test_score_thresh=0.0, test_nms_thresh=0.0, dn_number=0, dn_label_noise=0.2, dn_box_noise=0.4,
+                 dn_negatives=False):
         super().__init__()
         self.backbone, self.in_features = backbone, list(in_features)
         self.num_classes = num_classes
         self.transformer, self.criterion, self.neck = transformer, criterion, neck
         self.token_proj, self.token_pos, self.level_embed = token_proj, token_pos, level_embed
         self.input_format = input_format
-        self.test_topk, self.test_score_thresh = test_topk, test_score_thresh
+        self.test_topk, self.test_score_thresh, self.test_nms_thresh = test_topk, test_score_thresh, test_nms_thresh
         self.dn_number, self.dn_label_noise, self.dn_box_noise = dn_number, dn_label_noise, dn_box_noise
         self.dn_negatives = dn_negatives
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -188,6 +189,7 @@ class MFDETR(nn.Module):
             "input_format": cfg.INPUT.FORMAT,
             "test_topk": c.TEST_TOPK,
             "test_score_thresh": c.TEST_SCORE_THRESH,
+            "test_nms_thresh": c.TEST_NMS_THRESH,
             "dn_number": c.DN_NUMBER,
             "dn_label_noise": c.DN_LABEL_NOISE,
             "dn_box_noise": c.DN_BOX_NOISE,
@@ -299,7 +301,8 @@ class MFDETR(nn.Module):
         return targets
 
     def inference(self, logits, boxes, image_sizes):
-        """Top-k over queries x classes (:func:`top_detections`), boxes scaled to each image.
+        """Top-k over queries x classes (:func:`top_detections`), boxes scaled to each image, then
+        :func:`suppress_duplicates` with ``MODEL.MF_DETR.TEST_NMS_THRESH``.
 
         Args:
             logits: ``[N, Q, K]``; boxes: ``[N, Q, 4]`` normalised cxcywh.
@@ -317,7 +320,7 @@ class MFDETR(nn.Module):
             r.pred_boxes.clip((h, w))
             r.scores = scores[i][keep]
             r.pred_classes = labels[i][keep]
-            results.append(r)
+            results.append(suppress_duplicates(r, self.test_nms_thresh))
         return results
 
 
@@ -336,3 +339,21 @@ def top_detections(logits, boxes, k):
     query = torch.div(index, num_classes, rounding_mode="floor")
     boxes = torch.gather(boxes.float(), 1, query[..., None].expand(-1, -1, 4))
     return scores, index % num_classes, box_convert(boxes, "cxcywh", "xyxy")
+
+
+def suppress_duplicates(instances, iou_thresh):
+    """Class-wise non-maximum suppression of one image's detections (off when ``iou_thresh <= 0``).
+
+    A set-prediction decoder trained to the end emits one box per object; one trained briefly still
+    emits duplicates, which cost AP50 (``MODEL.MF_DETR.TEST_NMS_THRESH``; the COCO recipes keep it off).
+
+    Args:
+        instances: ``Instances`` with ``pred_boxes`` (``[D, 4]`` xyxy), ``scores`` ``[D]``, ``pred_classes`` ``[D]``.
+        iou_thresh: a box is dropped when it overlaps a higher-scored box of its class by more than this IoU.
+    Returns:
+        the kept detections, by descending score (``instances`` itself when off).
+    """
+    if iou_thresh <= 0:
+        return instances
+    keep = batched_nms(instances.pred_boxes.tensor.float(), instances.scores.float(), instances.pred_classes, iou_thresh)
+    return instances[keep]
