@@ -63,6 +63,13 @@ def add_mobileformer_config(cfg):
     # H-DETR's hybrid matching: extra training-only queries matched one-to-many (to the targets
     # repeated ONE2MANY_REPEATS times); 0 = off. Inference is unchanged.
     cfg.MODEL.MF_DETR.NUM_QUERIES_ONE2MANY = 0
+    # How the two-stage proposals are trained: "hungarian" (DINO: the chosen ones matched one-to-one)
+    # or "anchor_iou" (DETA: every position's anchor box assigned by IoU as in an RPN, at most 4
+    # positives per object, so every position's score learns from every image).
+    cfg.MODEL.MF_DETR.PROPOSAL_ASSIGN = "hungarian"
+    # Skip proposals that overlap a higher-scoring one by more than this IoU (Fast NMS over the best
+    # 4 x NUM_QUERIES positions, training and inference; DETA's partner of "anchor_iou"); 0 = off.
+    cfg.MODEL.MF_DETR.PROPOSAL_NMS_THRESH = 0.0
     cfg.MODEL.MF_DETR.ONE2MANY_REPEATS = 6
     # Class and box heads, box refinement and losses on every decoder layer; False: on the last only
     # (the two-stage proposals keep their loss either way).

@@ -1,5 +1,6 @@
 """The training options of the ablation (tokens off, contrastive denoising, look-forward-twice,
-varifocal loss, one-to-many matching) and the second synthetic dataset."""
+varifocal loss, one-to-many matching, dense proposal assignment and proposal NMS) and the second
+synthetic dataset."""
 import json
 import math
 import os
@@ -7,10 +8,11 @@ import os
 import pytest
 import torch
 from detectron2.modeling import build_model
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, box_iou
 
 from helpers import image_input, make_instances, toy_cfg
 from mobileformer_det.modeling.detr import HungarianMatcher, SetCriterion
+from mobileformer_det.modeling.detr.assigner import AnchorAssigner, fast_nms_order
 from mobileformer_det.modeling.detr.criterion import varifocal_loss
 from mobileformer_det.modeling.detr.denoising import build_denoising_queries
 
@@ -179,6 +181,96 @@ def test_one_to_many_loss_matches_every_target_repeated():
     assert losses["loss_bbox_o2m"].item() == pytest.approx(0.0, abs=1e-6)
     boxes[0, 7] = boxes[0, 6]                                            # one copy left without its query
     assert criterion([(logits, boxes)], [target], num_one2many=5)["loss_bbox_o2m"].item() > 0
+
+
+def test_anchor_assigner_against_a_hand_computation():
+    anchors = torch.tensor([[
+        [0.25, 0.25, 0.2, 0.2],   # target 0 itself: IoU 1, positive
+        [0.27, 0.25, 0.2, 0.2],   # IoU 0.036 / 0.044 = 0.82 with target 0: positive
+        [0.30, 0.25, 0.2, 0.2],   # IoU 0.03 / 0.05 = 0.6: ignored
+        [0.75, 0.75, 0.1, 0.1],   # IoU 0.01 / 0.09 = 0.11 with target 1, its best: positive anyway
+        [0.50, 0.92, 0.1, 0.1],   # overlaps nothing: negative
+        [0.25, 0.25, 0.2, 0.2],   # target 0 itself, but not a valid position: never counted
+    ]])
+    valid = torch.tensor([[True] * 5 + [False]])
+    target = {"labels": torch.tensor([2, 0]), "boxes": torch.tensor([[0.25, 0.25, 0.2, 0.2], [0.7, 0.7, 0.3, 0.3]])}
+    [(positions, gt, counted)] = AnchorAssigner()(anchors, valid, [target])
+    assert sorted(zip(positions.tolist(), gt.tolist())) == [(0, 0), (1, 0), (3, 1)]
+    assert counted.tolist() == [True, True, False, True, True, False]
+    # at most one positive per target: the best one; the other is neither positive nor negative
+    [(positions, gt, counted)] = AnchorAssigner(max_per_target=1)(anchors, valid, [target])
+    assert sorted(zip(positions.tolist(), gt.tolist())) == [(0, 0), (3, 1)]
+    assert counted.tolist() == [True, False, False, True, True, False]
+    empty = {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}
+    [(positions, gt, counted)] = AnchorAssigner()(anchors, valid, [empty])
+    assert len(positions) == len(gt) == 0 and counted.tolist() == valid[0].tolist()
+
+
+def test_dense_proposal_loss_against_a_hand_computation():
+    criterion = SetCriterion(2, HungarianMatcher(), weight_class=2.0, weight_bbox=5.0, weight_giou=2.0)
+    logits = torch.tensor([[[0.5, -1.0], [2.0, 0.0], [-3.0, 1.0]]])              # 3 positions, 2 classes
+    target = {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
+    box = torch.tensor([[0.5, 0.6, 0.2, 0.2]])                                    # half of it off the target
+    dense = {"logits": logits, "boxes": box,
+             "assignments": [(torch.tensor([1]), torch.tensor([0]), torch.tensor([True, True, False]))]}
+    losses = criterion.loss_dense(dense, [target], normaliser=2.0)
+
+    def focal(x, y, alpha=0.25, gamma=2.0):
+        p = 1 / (1 + math.exp(-x))
+        pt = p if y else 1 - p
+        return -(alpha if y else 1 - alpha) * (1 - pt) ** gamma * math.log(pt)
+    # position 0: both classes negative; position 1: class 1 positive; position 2 not counted
+    expected = focal(0.5, 0) + focal(-1.0, 0) + focal(2.0, 0) + focal(0.0, 1)
+    assert losses["loss_class"].item() == pytest.approx(2.0 * expected / 2.0, rel=1e-5)
+    assert losses["loss_bbox"].item() == pytest.approx(5.0 * 0.1 / 2.0, rel=1e-5)
+    # IoU = 0.02 / 0.06 = 1/3, the enclosing box is the union: GIoU loss 2/3
+    assert losses["loss_giou"].item() == pytest.approx(2.0 * (2 / 3) / 2.0, rel=1e-5)
+
+
+def test_fast_nms_keeps_a_subset_of_nms_without_overlaps():
+    from torchvision.ops import nms
+
+    boxes = torch.tensor([[[0.30, 0.30, 0.2, 0.2], [0.31, 0.30, 0.2, 0.2], [0.70, 0.70, 0.2, 0.2]]])
+    keys = fast_nms_order(boxes, torch.tensor([[3.0, 2.0, 1.0]]), 0.7)
+    assert keys.argsort(descending=True).tolist() == [[0, 2, 1]]                   # the duplicate goes last
+    torch.manual_seed(0)
+    for _ in range(5):
+        boxes = torch.cat([torch.rand(1, 60, 2) * 0.6 + 0.2, torch.rand(1, 60, 2) * 0.3 + 0.05], -1)
+        scores = torch.randn(1, 60).sort(descending=True)[0]
+        kept = (fast_nms_order(boxes, scores, 0.5) > -1e3)[0].nonzero().squeeze(1)
+        xyxy = box_convert(boxes[0], "cxcywh", "xyxy")
+        # a suppressed box overlaps a higher one (kept or not): a subset of what NMS keeps
+        assert set(kept.tolist()) <= set(nms(xyxy, scores[0], 0.5).tolist())
+        iou = box_iou(xyxy[kept], xyxy[kept])
+        assert (iou - torch.eye(len(kept))).max() <= 0.5
+
+
+def test_dense_assignment_and_proposal_nms_train_and_choose_apart():
+    """Every parameter gets a gradient (DDP), an image without boxes trains, and the chosen proposals
+    overlap by at most the threshold while enough candidates survive."""
+    torch.manual_seed(0)
+    opts = ["MODEL.MF_DETR.PROPOSAL_ASSIGN", "anchor_iou", "MODEL.MF_DETR.PROPOSAL_NMS_THRESH", 0.3]
+    model = build_model(toy_cfg(*opts)).train()
+    losses = model(training_batch())
+    assert {"loss_class_enc", "loss_bbox_enc", "loss_giou_enc"} <= set(losses)
+    sum(losses.values()).backward()
+    assert not unused_parameters(model)
+    batch = training_batch()
+    batch[1]["instances"] = make_instances([], [], (80, 72))
+    assert all(torch.isfinite(v) for v in model(batch).values())
+
+    model.eval()
+    chosen = []
+    model.transformer.register_forward_hook(lambda m, i, out: chosen.append(out[1]["pred_boxes"]))
+    with torch.no_grad():
+        model([image_input(2, 128, 160)])
+    xyxy = box_convert(chosen[0][0], "cxcywh", "xyxy")
+    iou = torch.triu(box_iou(xyxy, xyxy), diagonal=1)
+    assert iou.max() <= 0.3
+    with pytest.raises(ValueError, match="PROPOSAL_ASSIGN"):
+        build_model(toy_cfg("MODEL.MF_DETR.PROPOSAL_ASSIGN", "atss"))
+    with pytest.raises(ValueError, match="TWO_STAGE"):
+        build_model(toy_cfg("MODEL.MF_DETR.PROPOSAL_ASSIGN", "anchor_iou", "MODEL.MF_DETR.TWO_STAGE", False))
 
 
 def test_crowd_dataset_is_deterministic_crowded_and_registered(tmp_path):

@@ -7,6 +7,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 from torchvision.ops import batched_nms, box_convert
 
+from .assigner import AnchorAssigner
 from .criterion import SetCriterion
 from .denoising import build_denoising_queries
 from .factored_memory import FactoredMemory
@@ -163,6 +164,13 @@ class MFDETR(nn.Module):
                 f"MODEL.MF_DETR.NUM_FEATURE_LEVELS={c.NUM_FEATURE_LEVELS} is fewer than the "
                 f"{len(in_features)} maps of MODEL.MOBILEFORMER.OUT_FEATURES={in_features}"
             )
+        if c.PROPOSAL_ASSIGN not in ("hungarian", "anchor_iou"):
+            raise ValueError(f"MODEL.MF_DETR.PROPOSAL_ASSIGN must be 'hungarian' or 'anchor_iou', got {c.PROPOSAL_ASSIGN!r}")
+        if c.PROPOSAL_ASSIGN == "anchor_iou" and not c.TWO_STAGE:
+            raise ValueError("MODEL.MF_DETR.PROPOSAL_ASSIGN 'anchor_iou' trains the two-stage proposals: "
+                             "set MODEL.MF_DETR.TWO_STAGE True or PROPOSAL_ASSIGN 'hungarian'")
+        if not 0.0 <= c.PROPOSAL_NMS_THRESH < 1.0:
+            raise ValueError(f"MODEL.MF_DETR.PROPOSAL_NMS_THRESH must be in [0, 1) (0 = off), got {c.PROPOSAL_NMS_THRESH}")
         matcher = HungarianMatcher(c.COST_CLASS, c.COST_BBOX, c.COST_GIOU, c.FOCAL_ALPHA, c.FOCAL_GAMMA)
         return {
             "backbone": backbone,
@@ -175,6 +183,8 @@ class MFDETR(nn.Module):
                 dropout=c.DROPOUT, two_stage=c.TWO_STAGE, denoising=c.DN_NUMBER > 0, aux_loss=c.AUX_LOSS,
                 use_tokens=c.USE_TOKENS, look_forward_twice=c.LOOK_FORWARD_TWICE,
                 num_queries_one2many=c.NUM_QUERIES_ONE2MANY,
+                proposal_assigner=AnchorAssigner() if c.PROPOSAL_ASSIGN == "anchor_iou" else None,
+                proposal_nms_thresh=c.PROPOSAL_NMS_THRESH,
             ),
             "criterion": SetCriterion(
                 c.NUM_CLASSES, matcher, c.CLASS_WEIGHT, c.BBOX_WEIGHT, c.GIOU_WEIGHT, c.FOCAL_ALPHA, c.FOCAL_GAMMA,
@@ -278,7 +288,7 @@ class MFDETR(nn.Module):
                 targets, self.num_classes, self.dn_number, self.dn_label_noise, self.dn_box_noise,
                 self.transformer.num_queries + self.transformer.num_queries_one2many, self.transformer.label_embed,
                 self.dn_negatives)
-        outputs, enc_outputs = self.transformer(**self.encode_images(images), denoising=denoising)
+        outputs, enc_outputs = self.transformer(**self.encode_images(images), denoising=denoising, targets=targets)
         return self.criterion(outputs, targets, enc_outputs, denoising, self.transformer.num_queries_one2many)
 
     def postprocess(self, outputs, batched_inputs, image_sizes):

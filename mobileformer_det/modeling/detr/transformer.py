@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .assigner import fast_nms_order
 from .deformable_attention import MSDeformAttn
 from .factored_memory import FactoredMemory
 from .position_encoding import sine_embed_coords
@@ -120,12 +121,20 @@ class Transformer(nn.Module):
         num_queries_one2many: H-DETR's hybrid matching: in training only, this many extra queries
             (the next-best two-stage proposals, or their own learned boxes) that no other query
             sees, matched by the criterion to every target repeated several times. 0 = off.
+        proposal_assigner: optional :class:`AnchorAssigner` (DETA): in training, every position's
+            class score and its positives' boxes are trained against the targets it assigns
+            (``enc_outputs["dense"]``) instead of the chosen proposals being matched one-to-one.
+        proposal_nms_thresh: > 0: the two-stage proposals skip candidates that overlap a
+            higher-scoring one by more than this IoU (:func:`fast_nms_order`, over the best
+            ``4 * num_queries`` positions), in training and inference. 0 = off.
     """
 
     def __init__(self, dim, ffn_dim, num_levels, num_queries, num_classes, enc_layers=0, dec_layers=6,
                  num_heads=8, num_points=4, dropout=0.0, two_stage=True, denoising=False, aux_loss=True,
-                 use_tokens=True, look_forward_twice=False, num_queries_one2many=0):
+                 use_tokens=True, look_forward_twice=False, num_queries_one2many=0, proposal_assigner=None,
+                 proposal_nms_thresh=0.0):
         super().__init__()
+        self.proposal_assigner, self.proposal_nms_thresh = proposal_assigner, proposal_nms_thresh
         self.label_embed = nn.Embedding(num_classes, dim) if denoising else None
         self.num_queries, self.num_queries_one2many, self.two_stage = num_queries, num_queries_one2many, two_stage
         self.look_forward_twice = look_forward_twice
@@ -172,12 +181,15 @@ class Transformer(nn.Module):
             points.append(xy[None] / valid_ratios[:, None, lvl])                # valid-normalised
         return torch.cat(points, 1)
 
-    def _select_queries(self, memory, padding_mask, spatial_shapes, valid_ratios, num_queries):
+    def _select_queries(self, memory, padding_mask, spatial_shapes, valid_ratios, num_queries, targets=None):
         """Two-stage: score every position, keep the top ``num_queries`` as reference boxes.
 
-        The box head runs on the selected positions only (its outputs elsewhere are never used).
-        Returns (reference boxes ``[N, Q, 4]`` in sigmoid space, detached; encoder outputs
-        ``{"pred_logits": [N, Q, K], "pred_boxes": [N, Q, 4]}`` of the selected positions).
+        The box head runs on the selected positions only (and on the NMS candidates and the
+        assigner's positives, when those are on). Returns (reference boxes ``[N, Q, 4]`` in
+        sigmoid space, detached; encoder outputs ``{"pred_logits": [N, Q, K], "pred_boxes":
+        [N, Q, 4]}`` of the selected positions, plus ``"dense"`` when ``targets`` are given and
+        there is a ``proposal_assigner``: ``{"logits": [N, S, K], "assignments": its list,
+        "boxes": [P, 4]}``, the boxes of all images' positives in order).
         """
         device = valid_ratios.device
         centres = self._grid_references(spatial_shapes, valid_ratios, device)          # [N, S, 2]
@@ -195,10 +207,27 @@ class Transformer(nn.Module):
         logits = self.enc_class_head(output)
         scores = logits.max(-1)[0].masked_fill(~valid, float("-inf"))
         k = min(num_queries, scores.shape[1])
-        topk = scores.topk(k, dim=1)[1]
+        if self.proposal_nms_thresh > 0:
+            with torch.no_grad():
+                candidate_scores, candidates = scores.topk(min(4 * k, scores.shape[1]), dim=1)
+                rows = torch.gather(output, 1, candidates[..., None].expand(-1, -1, output.shape[-1]))
+                anchor_logits = inverse_sigmoid(torch.gather(anchors, 1, candidates[..., None].expand(-1, -1, 4)))
+                boxes = (self.enc_box_head(rows) + anchor_logits).sigmoid()
+                keys = fast_nms_order(boxes, candidate_scores, self.proposal_nms_thresh)
+                topk = torch.gather(candidates, 1, keys.topk(k, dim=1)[1])
+        else:
+            topk = scores.topk(k, dim=1)[1]
 
         def gather(x):
             return torch.gather(x, 1, topk[..., None].expand(-1, -1, x.shape[-1]))
+
+        dense = None
+        if targets is not None and self.proposal_assigner is not None:
+            assignments = self.proposal_assigner(anchors, valid, targets)
+            batch = torch.cat([torch.full_like(p, i) for i, (p, _, _) in enumerate(assignments)])
+            positions = torch.cat([p for p, _, _ in assignments])
+            dense_boxes = self.enc_box_head(output[batch, positions]) + inverse_sigmoid(anchors[batch, positions])
+            dense = {"logits": logits, "assignments": assignments, "boxes": dense_boxes.sigmoid()}
 
         # An invalid position (chosen only when fewer than k are valid) reads a zero memory, as in
         # Deformable DETR; masking the k chosen rows instead of all S costs nothing.
@@ -208,10 +237,13 @@ class Transformer(nn.Module):
         logits = torch.where(chosen, gather(logits), self.enc_class_head(empty))
         anchors = inverse_sigmoid(gather(anchors)).masked_fill(~chosen, 0.0)
         boxes = self.enc_box_head(output) + anchors                              # sigmoid space
-        return boxes.detach().sigmoid(), {"pred_logits": logits, "pred_boxes": boxes.sigmoid()}
+        enc_outputs = {"pred_logits": logits, "pred_boxes": boxes.sigmoid()}
+        if dense is not None:
+            enc_outputs["dense"] = dense
+        return boxes.detach().sigmoid(), enc_outputs
 
     def forward(self, memory, pos, padding_mask, spatial_shapes, valid_ratios, tokens=None, token_pos=None,
-                denoising=None):
+                denoising=None, targets=None):
         """
         Args:
             memory: ``[N, S, dim]`` flattened maps of all levels, or their ``FactoredMemory``
@@ -222,6 +254,7 @@ class Transformer(nn.Module):
             valid_ratios: ``[N, L, 2]`` valid width and height of each level over its padded size.
             tokens, token_pos: ``[N, M, dim]`` (None when the decoder does not use tokens).
             denoising: optional dict of ``build_denoising_queries``: its D queries go first.
+            targets: the criterion's targets, for the ``proposal_assigner`` (training only).
         Returns:
             (list over the decoder layers that have heads (all, or the last without ``aux_loss``) of
             ``(logits [N, D+Q+Q2, K], boxes [N, D+Q+Q2, 4] cxcywh in [0, 1])``, encoder outputs dict
@@ -238,8 +271,9 @@ class Transformer(nn.Module):
         num_queries = self.num_queries + num_one2many
         enc_outputs = None
         if self.two_stage:
-            reference, enc_outputs = self._select_queries(memory, padding_mask, spatial_shapes, valid_ratios, num_queries)
-            enc_outputs = {k: v[:, : self.num_queries] for k, v in enc_outputs.items()}
+            reference, enc_outputs = self._select_queries(memory, padding_mask, spatial_shapes, valid_ratios,
+                                                          num_queries, targets if self.training else None)
+            enc_outputs = {k: (v if k == "dense" else v[:, : self.num_queries]) for k, v in enc_outputs.items()}
         else:
             reference = self.reference_boxes.weight[:num_queries].sigmoid()[None].expand(n, -1, -1)
         query = self.query_embed.weight[None, : reference.shape[1]].expand(n, -1, -1)
