@@ -20,7 +20,7 @@ class AnchorAssigner:
     def __call__(self, anchors, valid, targets):
         """
         Args:
-            anchors: ``[N, S, 4]`` normalised cxcywh (in sigmoid space's image: ``[0, 1]``).
+            anchors: ``[N, S, 4]`` cxcywh normalised to the image, in ``[0, 1]``.
             valid: ``[N, S]`` bool, the positions that may be chosen.
             targets: list of N dicts with ``labels`` ``[T_i]`` and ``boxes`` ``[T_i, 4]`` normalised cxcywh.
         Returns:
