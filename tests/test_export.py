@@ -134,10 +134,12 @@ def test_folded_neck_keeps_the_detections(overfit_toy):
     assert not normalised, "the folded model still normalised the memory"
 
 
-def test_two_stage_box_head_on_the_selected_positions_only():
-    """The proposals' boxes equal those of the box head run everywhere, then gathered."""
+@pytest.mark.parametrize("nms", [0.0, 0.7])
+def test_two_stage_box_head_on_the_selected_positions_only(nms):
+    """The box head runs on the Q chosen positions (and, with the proposal NMS, once before on its
+    4 Q candidates), not on every position; the proposals' shapes stay the same."""
     torch.manual_seed(0)
-    model = build_model(toy_cfg()).eval()
+    model = build_model(toy_cfg("MODEL.MF_DETR.PROPOSAL_NMS_THRESH", nms)).eval()
     transformer = model.transformer
     with torch.no_grad():
         images = model.preprocess_image([{"image": torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)}])
@@ -150,8 +152,9 @@ def test_two_stage_box_head_on_the_selected_positions_only():
         transformer._select_queries(encoded["memory"], None, encoded["spatial_shapes"], encoded["valid_ratios"],
                                     transformer.num_queries)
         hook.remove()
-    assert calls == [torch.Size([1, transformer.num_queries, transformer.query_embed.weight.shape[1]])]
-    assert proposals["pred_boxes"].shape == (1, transformer.num_queries, 4)
+    q, dim = transformer.num_queries, transformer.query_embed.weight.shape[1]
+    assert calls == ([torch.Size([1, 4 * q, dim])] if nms else []) + [torch.Size([1, q, dim])]
+    assert proposals["pred_boxes"].shape == (1, q, 4)
 
 
 def test_tensor_detector_equals_the_detectron2_model(overfit_toy):
