@@ -210,10 +210,10 @@ def test_dense_proposal_loss_against_a_hand_computation():
     criterion = SetCriterion(2, HungarianMatcher(), weight_class=2.0, weight_bbox=5.0, weight_giou=2.0)
     logits = torch.tensor([[[0.5, -1.0], [2.0, 0.0], [-3.0, 1.0]]])              # 3 positions, 2 classes
     target = {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
-    box = torch.tensor([[0.5, 0.6, 0.2, 0.2]])                                    # half of it off the target
-    dense = {"logits": logits, "boxes": box,
-             "assignments": [(torch.tensor([1]), torch.tensor([0]), torch.tensor([True, True, False]))]}
-    losses = criterion.loss_dense(dense, [target], normaliser=2.0)
+    boxes = torch.zeros(1, 3, 4)
+    boxes[0, 1] = torch.tensor([0.5, 0.6, 0.2, 0.2])                             # half of it off the target
+    losses = criterion.loss_set(logits, boxes, [target], [(torch.tensor([1]), torch.tensor([0]))], 2.0,
+                                query_mask=torch.tensor([[True, True, False]]))
 
     def focal(x, y, alpha=0.25, gamma=2.0):
         p = 1 / (1 + math.exp(-x))

@@ -97,28 +97,6 @@ class SetCriterion(nn.Module):
         }
         return {k: v * self.weights[k] for k, v in losses.items()}
 
-    def loss_dense(self, dense, targets, normaliser):
-        """The two-stage proposals trained at every position (``Transformer``'s ``proposal_assigner``):
-        focal class loss at each counted position (positives towards their target's class, the
-        rest towards nothing), L1 and GIoU on the positives' boxes."""
-        logits = dense["logits"].float()                                         # [N, S, K]
-        target_classes = torch.zeros_like(logits)
-        counted = torch.stack([c for _, _, c in dense["assignments"]])           # [N, S]
-        matched = []
-        for i, ((positions, gt, _), t) in enumerate(zip(dense["assignments"], targets)):
-            target_classes[i, positions, t["labels"][gt]] = 1.0
-            matched.append(t["boxes"][gt])
-        matched = torch.cat(matched).float()
-        src = dense["boxes"].float()
-        loss_class = sigmoid_focal_loss(logits, target_classes, self.focal_alpha, self.focal_gamma, reduction="none")
-        losses = {
-            "loss_class": (loss_class * counted[..., None]).sum() / normaliser,
-            "loss_bbox": F.l1_loss(src, matched, reduction="sum") / normaliser,
-            "loss_giou": generalized_box_iou_loss(box_convert(src, "cxcywh", "xyxy"),
-                                                  box_convert(matched, "cxcywh", "xyxy"), reduction="sum") / normaliser,
-        }
-        return {k: v * self.weights[k] for k, v in losses.items()}
-
     def forward(self, outputs, targets, enc_outputs=None, denoising=None, num_one2many=0):
         """
         Args:
@@ -127,7 +105,9 @@ class SetCriterion(nn.Module):
                 ``denoising``), the last Q2 = ``num_one2many`` the one-to-many ones.
             targets: list of N dicts: ``labels`` ``[T_i]`` int64, ``boxes`` ``[T_i, 4]`` normalised cxcywh.
             enc_outputs: optional ``{"pred_logits", "pred_boxes"}`` of the two-stage proposals
-                (matched one-to-one), or with ``"dense"``: :meth:`loss_dense` instead.
+                (matched one-to-one), or with ``"dense"``: every position's, with the
+                ``proposal_assigner``'s positives as matches and only the counted positions in the
+                class loss.
             denoising: optional dict of ``build_denoising_queries``.
         Returns:
             dict of scalar losses.
@@ -140,7 +120,9 @@ class SetCriterion(nn.Module):
                 for i, (logits, boxes) in enumerate(outputs)}
         losses = {}
         if enc_outputs is not None and "dense" in enc_outputs:
-            losses.update({k + "_enc": v for k, v in self.loss_dense(enc_outputs["dense"], targets, num_boxes).items()})
+            dense = enc_outputs["dense"]
+            layer = self.loss_set(dense["logits"], dense["boxes"], targets, dense["indices"], num_boxes, dense["counted"])
+            losses.update({k + "_enc": v for k, v in layer.items()})
         elif enc_outputs is not None:
             sets["_enc"] = (enc_outputs["pred_logits"], enc_outputs["pred_boxes"])
         for (suffix, (logits, boxes)), indices in zip(sets.items(), self.matcher(list(sets.values()), targets)):

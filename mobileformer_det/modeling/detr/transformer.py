@@ -188,8 +188,9 @@ class Transformer(nn.Module):
         assigner's positives, when those are on). Returns (reference boxes ``[N, Q, 4]`` in
         sigmoid space, detached; encoder outputs ``{"pred_logits": [N, Q, K], "pred_boxes":
         [N, Q, 4]}`` of the selected positions, plus ``"dense"`` when ``targets`` are given and
-        there is a ``proposal_assigner``: ``{"logits": [N, S, K], "assignments": its list,
-        "boxes": [P, 4]}``, the boxes of all images' positives in order).
+        there is a ``proposal_assigner``: ``{"logits": [N, S, K], "boxes": [N, S, 4] (computed at
+        the positives only, zero elsewhere), "indices": per image (positives, their targets),
+        "counted": [N, S] the positions the class loss counts}``).
         """
         device = valid_ratios.device
         centres = self._grid_references(spatial_shapes, valid_ratios, device)          # [N, S, 2]
@@ -226,8 +227,11 @@ class Transformer(nn.Module):
             assignments = self.proposal_assigner(anchors, valid, targets)
             batch = torch.cat([torch.full_like(p, i) for i, (p, _, _) in enumerate(assignments)])
             positions = torch.cat([p for p, _, _ in assignments])
-            dense_boxes = self.enc_box_head(output[batch, positions]) + inverse_sigmoid(anchors[batch, positions])
-            dense = {"logits": logits, "assignments": assignments, "boxes": dense_boxes.sigmoid()}
+            dense_boxes = (self.enc_box_head(output[batch, positions]) + inverse_sigmoid(anchors[batch, positions])).sigmoid()
+            # every position's row, for the criterion's loss_set; only the positives' are ever read
+            boxes = dense_boxes.new_zeros(*anchors.shape[:2], 4).index_put((batch, positions), dense_boxes)
+            dense = {"logits": logits, "boxes": boxes, "indices": [(p, gt) for p, gt, _ in assignments],
+                     "counted": torch.stack([c for _, _, c in assignments])}
 
         # An invalid position (chosen only when fewer than k are valid) reads a zero memory, as in
         # Deformable DETR; masking the k chosen rows instead of all S costs nothing.
