@@ -5,15 +5,23 @@ The reference state_dict is renamed key by key to this project's modules. The tr
 classifier head under ``head.``, which the detector ignores, as Detectron2 ignores the FC layer
 of an ImageNet ResNet.
 """
+import glob
+import logging
 import os
+import pickle
 import re
+import zipfile
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import PathManager
 
 from .modeling.backbone import VARIANTS, mobile_former_classifier
 
-__all__ = ["convert_official_state_dict", "load_official_checkpoint", "MobileFormerCheckpointer"]
+__all__ = ["convert_official_state_dict", "load_official_checkpoint", "check_checkpoint_file", "MobileFormerCheckpointer",
+           "remove_stale_temporaries"]
+
+logger = logging.getLogger(__name__)
 
 VARIANT_KEY = "mobileformer_variant"
 
@@ -147,27 +155,62 @@ def convert_official_state_dict(state_dict, variant):
 
 def load_official_checkpoint(path, variant):
     """Read a reference ``.pth.tar`` from ``path`` and convert it (see :func:`convert_official_state_dict`)."""
+    check_checkpoint_file(path)
+    # The authors' files also pickle their training arguments, which a weights-only load refuses;
+    # the file was checked above to be a PyTorch archive before anything is unpickled.
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     return convert_official_state_dict(checkpoint, variant)
+
+
+def check_checkpoint_file(path):
+    """Raise ``ValueError`` when ``path`` is not a file ``torch.save`` (or pickle) wrote, or a damaged one.
+
+    A PyTorch file is a zip archive (``torch.save`` since PyTorch 1.6) or a pickle (older files and
+    Detectron2's ``.pkl``). Anything else is named as such before it reaches ``torch.load``, whose
+    own error for it suggests a less safe load.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path!r} is a damaged or truncated checkpoint (its zip archive is incomplete, "
+                             f"{os.path.getsize(path)} bytes): copy or download it again")
+    elif not head.startswith(b"\x80"):
+        raise ValueError(f"{path!r} is not a PyTorch checkpoint (it starts with {head!r}; torch.save writes a zip "
+                         f"archive): pass the model_final.pth of a training run, or a file of "
+                         f"tools/convert_official_weights.py")
 
 
 class MobileFormerCheckpointer(DetectionCheckpointer):
     """Detectron2's ``DetectionCheckpointer`` that
 
     - writes every file atomically (a temporary file renamed over the target), so a kill during a
-      save never leaves a truncated checkpoint or ``last_checkpoint`` behind;
+      save never leaves a truncated checkpoint or ``last_checkpoint`` behind, and refuses to write
+      weights that are not finite (a diverged run keeps its last good checkpoint);
     - records the backbone variant in every checkpoint and refuses to load one recorded for another
-      variant (which would otherwise load with nothing but shape warnings).
+      variant (which would otherwise load with nothing but shape warnings);
+    - refuses a detector checkpoint that does not fit the model (another class count, decoder
+      depth or width), naming the keys and shapes on both sides, where Detectron2 would skip those
+      tensors with a warning and go on with random ones. With ``fine_tune=True`` (a new training
+      from ``MODEL.WEIGHTS``) the class heads alone may differ, in their class count: they start
+      afresh, as when Detectron2 fine-tunes a COCO model on another dataset. A checkpoint of the
+      backbone only (``tools/convert_official_weights.py``) loads into the detector's backbone.
     """
 
-    def __init__(self, model, save_dir="", *, variant=None, **checkpointables):
+    def __init__(self, model, save_dir="", *, variant=None, fine_tune=False, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
-        self.variant = variant
+        self.variant, self.fine_tune = variant, fine_tune
 
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
+        bad = next((k for k, v in data["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise FloatingPointError(
+                f"not saving {name}.pth: the weights are not finite ({bad} holds NaN or inf), the run has diverged. "
+                f"The last good checkpoint is kept ({self.get_checkpoint_file() or 'none yet'}): lower "
+                f"SOLVER.BASE_LR (or turn SOLVER.AMP.ENABLED off) and resume from it")
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         if self.variant is not None:
             data[VARIANT_KEY] = self.variant
@@ -182,6 +225,18 @@ class MobileFormerCheckpointer(DetectionCheckpointer):
         path = os.path.join(self.save_dir, "last_checkpoint")
         _atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
 
+    def _load_file(self, filename):
+        self._file = filename
+        if not filename.endswith(".pkl"):
+            check_checkpoint_file(PathManager.get_local_path(filename))
+        try:
+            return super()._load_file(filename)
+        except pickle.UnpicklingError as e:
+            raise ValueError(
+                f"{filename!r} holds Python objects besides tensors, which a safe (weights-only) torch.load refuses "
+                f"({str(e).splitlines()[-1][:200]}): if you trust the file, load it yourself and torch.save its "
+                f"{{'model': state_dict}} to a new file") from e
+
     def _load_model(self, checkpoint):
         found = checkpoint.get(VARIANT_KEY)
         if self.variant is not None and found is not None and found != self.variant:
@@ -189,7 +244,55 @@ class MobileFormerCheckpointer(DetectionCheckpointer):
                 f"the checkpoint was made for Mobile-Former {found}, but MODEL.MOBILEFORMER.VARIANT is "
                 f"{self.variant}: set MODEL.MOBILEFORMER.VARIANT {found} or load a {self.variant} checkpoint"
             )
+        if not checkpoint.get("matching_heuristics", False):
+            self._check_fits(checkpoint["model"])
         return super()._load_model(checkpoint)
+
+    def _check_fits(self, state_dict):
+        """Raise ``ValueError`` when a detector checkpoint does not fit the model (see the class docstring)."""
+        ours = self.model.state_dict()
+        theirs = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+        mismatched = {k: (tuple(v.shape), tuple(ours[k].shape)) for k, v in theirs.items()
+                      if k in ours and tuple(v.shape) != tuple(ours[k].shape)}
+        if self.fine_tune:
+            num_classes = getattr(self.model, "num_classes", None)
+            classes_only = all(a[1:] == b[1:] and b[0] == num_classes for a, b in mismatched.values())
+            if mismatched and classes_only:
+                self.logger.warning(
+                    f"fine-tuning to {num_classes} classes from a checkpoint with {next(iter(mismatched.values()))[0][0]}: "
+                    f"the class heads ({', '.join(mismatched)}) start afresh")
+                for k in mismatched:
+                    state_dict.pop(k, None)
+                    state_dict.pop("module." + k, None)
+                mismatched = {}
+        detector = any(not k.startswith(("backbone.", "head.")) for k in theirs)
+        missing = [k for k in ours if k not in theirs and not k.endswith("num_batches_tracked")] if detector else []
+        unexpected = [k for k in theirs if k not in ours] if detector else []
+        if not (mismatched or missing or unexpected):
+            return
+        problems = []
+        if mismatched:
+            problems.append(f"{len(mismatched)} of other shapes (checkpoint vs config): " + ", ".join(
+                f"{k} {a} vs {b}" for k, (a, b) in list(mismatched.items())[:6]))
+        for label, keys in (("missing from the checkpoint", missing), ("in the checkpoint only", unexpected)):
+            if keys:
+                problems.append(f"{len(keys)} {label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
+        raise ValueError(
+            f"the checkpoint {getattr(self, '_file', '')!r} does not fit the model the config builds; " + "; ".join(problems) + ". Use the config "
+            "the checkpoint was trained with (its output folder's config.yaml), or set the keys it differs in "
+            "(e.g. MODEL.MF_DETR.NUM_CLASSES, DEC_LAYERS, HIDDEN_DIM) to the checkpoint's values")
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files that a save killed half-way left in ``folder`` (``*.tmp.<pid>``
+    of :func:`_atomic_write`). Call it only while no other process writes there. Returns their names."""
+    stale = sorted(glob.glob(os.path.join(glob.escape(folder), "*.tmp.[0-9]*")))
+    for path in stale:
+        os.remove(path)
+    if stale:
+        logger.info(f"removed {len(stale)} temporary file(s) left by an interrupted save: "
+                    f"{', '.join(os.path.basename(p) for p in stale)}")
+    return [os.path.basename(p) for p in stale]
 
 
 def _atomic_write(path, write):

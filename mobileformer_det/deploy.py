@@ -64,6 +64,8 @@ def load_model(cfg):
 def export_onnx(model, path, height, width, dynamic_batch=False, opset=17):
     """Write ``TensorDetector(model)`` as ONNX (input ``images``; outputs ``boxes``, ``scores``,
     ``labels``) for ``height x width`` inputs, check it with ``onnx.checker``; returns ``path``.
+    The graph's metadata records the detector's class count (``mfdet.num_classes``), which
+    :class:`Predictor` checks against its config.
 
     ``model`` is an MF-DETR in eval mode; its backbone is put back to contiguous memory (channels
     last would only add transposes to the graph).
@@ -79,7 +81,10 @@ def export_onnx(model, path, height, width, dynamic_batch=False, opset=17):
         torch.onnx.export(TensorDetector(model), (example,), path, input_names=["images"],
                           output_names=["boxes", "scores", "labels"], opset_version=opset,
                           dynamic_axes=axes, dynamo=False)
-    onnx.checker.check_model(onnx.load(path))
+    graph = onnx.load(path)
+    onnx.helper.set_model_props(graph, {"mfdet.num_classes": str(model.num_classes)})
+    onnx.checker.check_model(graph)
+    onnx.save(graph, path)
     return path
 
 
@@ -129,6 +134,18 @@ def onnx_input_size(path):
     return dims[2].dim_value, dims[3].dim_value
 
 
+def check_graph_classes(path, num_classes):
+    """Raise ``ValueError`` when the graph at ``path`` was exported for another class count than
+    ``num_classes`` (its labels would index past the dataset's class names)."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+    exported = props.get("mfdet.num_classes")
+    if exported is not None and int(exported) != num_classes:
+        raise ValueError(f"{path!r} was exported for {exported} classes, but the config has MODEL.MF_DETR.NUM_CLASSES "
+                         f"{num_classes}: pass the config the graph was exported with, or export it again with this one")
+
+
 class Predictor:
     """Run MF-DETR on RGB images with one of :data:`RUNTIMES`; returns ``Instances`` (``pred_boxes``
     in the image's pixels, ``scores``, ``pred_classes``) above ``MODEL.MF_DETR.TEST_SCORE_THRESH``,
@@ -156,6 +173,7 @@ class Predictor:
             if not onnx_path or not os.path.exists(onnx_path):
                 raise FileNotFoundError(f"--runtime {runtime} needs --onnx model.onnx (tools/export_onnx.py writes it); "
                                         f"got {onnx_path!r}")
+            check_graph_classes(onnx_path, cfg.MODEL.MF_DETR.NUM_CLASSES)
             self.input_size = onnx_input_size(onnx_path)
             self._run = graph_runner(onnx_path, runtime, threads)
             return

@@ -1,7 +1,12 @@
 """The Detectron2 trainer of MF-DETR: ``DefaultTrainer`` with the parts that differ built in
 overridable places, once."""
+import fcntl
+import json
 import logging
 import os
+import socket
+import sys
+import time
 import weakref
 
 import torch
@@ -16,10 +21,17 @@ from detectron2.utils.logger import setup_logger
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import MobileFormerCheckpointer
-from .data import DetrDatasetMapper, check_num_classes, check_training_boxes
+from .checkpoint import MobileFormerCheckpointer, remove_stale_temporaries
+from .data import (
+    DetrDatasetMapper,
+    check_num_classes,
+    check_training_boxes,
+    drop_invalid_boxes,
+    drop_missing_images,
+)
 
-__all__ = ["Trainer", "build_optimizer", "ClippingTrainer", "ClippingAMPTrainer", "ReplicaCheck"]
+__all__ = ["Trainer", "build_optimizer", "ClippingTrainer", "ClippingAMPTrainer", "ReplicaCheck", "ReadableCOCOEvaluator",
+           "claim_output_dir", "truncate_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,36 +93,78 @@ def clip_norm_from_config(cfg):
 
 
 def clip_full_model(optimizer, max_norm):
-    """Clip the norm of all the optimizer's gradients together to ``max_norm``."""
-    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
+    """Clip the norm of all the optimizer's gradients together to ``max_norm`` (``inf``: measure
+    only). Returns their norm before clipping (a 0-dim tensor)."""
+    return torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
 
 
-class ClippingTrainer(SimpleTrainer):
-    """``SimpleTrainer`` that clips the norm of all gradients together to ``clip_norm`` after backward."""
+class _StopsOnNonFinite:
+    """Stops training with ``FloatingPointError`` at the first step whose loss (or, without AMP,
+    whose gradients) is not finite, before the optimizer applies it.
+
+    The decision is the same on every process (one all-reduce of a flag per step), so that all of
+    them stop at the same step instead of some waiting forever in the next collective. Under AMP,
+    infinite gradients are the grad scaler's business (it skips the step and lowers its scale).
+    The loss terms are read from the model's output by a forward hook.
+    """
+
+    def _watch_losses(self):
+        self._losses = {}
+        self.model.register_forward_hook(lambda module, inputs, output: setattr(self, "_losses", output))
+
+    def _check_finite(self, grad_norm, amp):
+        total = sum((v.detach().float().sum() for v in self._losses.values()), torch.zeros(()))
+        bad = ~torch.isfinite(total)
+        if not amp:
+            bad = bad | ~torch.isfinite(grad_norm)
+        flag = bad.float().reshape(1)
+        if comm.get_world_size() > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() == 0:
+            return
+        terms = sorted(self._losses.items(), key=lambda kv: bool(torch.isfinite(kv[1]).all()))
+        shown = ", ".join(f"{k} {v.item():.4g}" for k, v in terms[:8]) + (" ..." if len(terms) > 8 else "")
+        where = "a non-finite loss" if not bool(torch.isfinite(total)) else (
+            "non-finite gradients" if not bool(torch.isfinite(grad_norm)) else "a non-finite loss on another process")
+        raise FloatingPointError(
+            f"training diverged at iteration {self.iter}: {where} (gradient norm {float(grad_norm):.4g}; loss terms on "
+            f"this process: {shown}). This step was not applied, and no checkpoint is written from it. Lower "
+            f"SOLVER.BASE_LR, keep SOLVER.CLIP_GRADIENTS.ENABLED on{', turn SOLVER.AMP.ENABLED off' if amp else ''}, "
+            f"and train again, or --resume from a checkpoint written before the losses grew (see metrics.json)")
+
+
+class ClippingTrainer(_StopsOnNonFinite, SimpleTrainer):
+    """``SimpleTrainer`` that clips the norm of all gradients together to ``clip_norm`` after backward,
+    and stops on a non-finite loss or gradient (:class:`_StopsOnNonFinite`)."""
 
     def __init__(self, model, data_loader, optimizer, clip_norm=None, **kwargs):
         super().__init__(model, data_loader, optimizer, **kwargs)
         self.clip_norm = clip_norm
+        self._watch_losses()
 
     def after_backward(self):
-        if self.clip_norm is not None:
-            clip_full_model(self.optimizer, self.clip_norm)
+        grad_norm = clip_full_model(self.optimizer, float("inf") if self.clip_norm is None else self.clip_norm)
+        self._check_finite(grad_norm, amp=False)
         super().after_backward()
 
 
-class ClippingAMPTrainer(AMPTrainer):
-    """``AMPTrainer`` that clips the *unscaled* gradients, and resumes from a checkpoint written
-    without AMP (a CPU run has no grad-scaler state: the scaler then starts afresh)."""
+class ClippingAMPTrainer(_StopsOnNonFinite, AMPTrainer):
+    """``AMPTrainer`` that clips the *unscaled* gradients, stops on a non-finite loss, and resumes
+    from a checkpoint written without AMP (a CPU run has no grad-scaler state: the scaler then
+    starts afresh)."""
 
     def __init__(self, model, data_loader, optimizer, clip_norm=None, **kwargs):
         super().__init__(model, data_loader, optimizer, **kwargs)
         self.clip_norm = clip_norm
+        self._watch_losses()
 
     def after_backward(self):
+        grad_norm = torch.zeros(())
         if self.clip_norm is not None:
             # GradScaler.step then knows the gradients are unscaled (fused optimizers included).
             self.grad_scaler.unscale_(self.optimizer)
-            clip_full_model(self.optimizer, self.clip_norm)
+            grad_norm = clip_full_model(self.optimizer, self.clip_norm)
+        self._check_finite(grad_norm, amp=True)
         super().after_backward()
 
     def load_state_dict(self, state_dict):
@@ -118,6 +172,90 @@ class ClippingAMPTrainer(AMPTrainer):
             return super().load_state_dict(state_dict)
         SimpleTrainer.load_state_dict(self, state_dict)
         logger.info("the checkpoint has no grad-scaler state (saved without AMP): the scaler starts afresh")
+
+
+# The config keys behind an optimizer group's hyper-parameters, for the resume log.
+_SOLVER_KEYS = {"initial_lr": "learning rate (SOLVER.BASE_LR x BACKBONE_MULTIPLIER)", "weight_decay": "SOLVER.WEIGHT_DECAY",
+                "betas": "SOLVER.BETAS", "momentum": "SOLVER.MOMENTUM"}
+
+
+class ReadableCOCOEvaluator(COCOEvaluator):
+    """``COCOEvaluator`` over the images that were read.
+
+    An image the mapper could not read (it marks the input ``unreadable``, see
+    :class:`~mobileformer_det.data.DetrDatasetMapper`), and one left out for a missing file, gets no
+    prediction; COCOeval is then restricted to the images that have one, instead of counting every
+    object of an unread image as missed. A warning says how many were left out. With every image
+    read, this is ``COCOEvaluator`` exactly.
+    """
+
+    def process(self, inputs, outputs):
+        read = [(i, o) for i, o in zip(inputs, outputs) if not i.get("unreadable")]
+        if read:
+            super().process(*map(list, zip(*read)))
+
+    def _eval_predictions(self, predictions, img_ids=None):
+        if img_ids is None and hasattr(self, "_coco_api"):
+            evaluated = sorted({p["image_id"] for p in predictions})
+            total = len(self._coco_api.getImgIds())
+            if len(evaluated) < total:
+                self._logger.warning(f"evaluating {len(evaluated)} of the {total} images of the dataset: the "
+                                     f"others could not be read (see the warnings above)")
+                img_ids = evaluated
+        return super()._eval_predictions(predictions, img_ids=img_ids)
+
+
+def claim_output_dir(path):
+    """Make sure that no other training writes into ``path`` while this one runs.
+
+    Takes an exclusive lock (``flock``, released by the kernel when the process ends, however it
+    ends) on ``<path>/.train.lock`` and writes into it who holds it; another process that already
+    holds it makes this raise ``RuntimeError`` naming that process. Then deletes the temporary
+    files an interrupted checkpoint save left there. Returns the open lock file: keep it open.
+    """
+    os.makedirs(path, exist_ok=True)
+    lock = open(os.path.join(path, ".train.lock"), "a+")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise RuntimeError(
+            f"OUTPUT_DIR {path!r} is in use by another training ({holder}): wait for it to end, stop it, or "
+            f"set OUTPUT_DIR to another folder") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+               f"{' '.join(sys.argv)}\n")
+    lock.flush()
+    remove_stale_temporaries(path)
+    return lock
+
+
+def truncate_metrics(path, start_iter):
+    """Drop the rows of Detectron2's ``metrics.json`` at ``path`` whose iteration is ``start_iter`` or
+    later, in place (its ``JSONWriter`` may hold it open for appending). Returns how many went."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "r+") as f:
+        lines = f.readlines()
+        kept = [line for line in lines if _iteration(line) < start_iter]
+        if len(kept) < len(lines):
+            f.seek(0)
+            f.writelines(kept)
+            f.truncate()
+    if len(kept) < len(lines):
+        logger.info(f"metrics.json: {len(lines) - len(kept)} row(s) from iteration {start_iter} on removed "
+                    f"(written after the checkpoint by the run that stopped)")
+    return len(lines) - len(kept)
+
+
+def _iteration(line):
+    try:
+        return json.loads(line).get("iteration", -1)
+    except ValueError:  # a line cut short by a kill
+        return float("inf")
 
 
 def has_trainable_batch_norm(model):
@@ -210,6 +348,17 @@ class Trainer(DefaultTrainer):
                                         trainer=weakref.proxy(self))
 
     def resume_or_load(self, resume=True):
+        """Detectron2's resume (weights, optimizer moments, iteration, scheduler position from the last
+        checkpoint) or load of ``MODEL.WEIGHTS``, with three differences:
+
+        - a checkpoint that does not fit the model stops here (a new training from ``MODEL.WEIGHTS``
+          may differ in the class count only: fine-tuning);
+        - on resume, the config's solver settings win over the checkpoint's (Detectron2 would keep
+          the learning rate and weight decay the optimizer was saved with while ``config.yaml``
+          records the new ones): each change is logged;
+        - on resume, ``metrics.json`` loses its rows from the resumed iteration on (they were
+          written after the checkpoint by the run that stopped), so that every iteration appears once.
+        """
         resuming = resume and self.checkpointer.has_checkpoint()
         if not resuming and not self.cfg.MODEL.WEIGHTS and self.cfg.MODEL.MOBILEFORMER.NORM == "FrozenBN":
             raise ValueError(
@@ -217,7 +366,55 @@ class Trainer(DefaultTrainer):
                 "starts from, but MODEL.WEIGHTS is empty: convert the authors' ImageNet weights with "
                 "tools/convert_official_weights.py and pass MODEL.WEIGHTS, or train from scratch with "
                 "MODEL.MOBILEFORMER.NORM SyncBN (GPUs) or BN")
+        configured = [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in self.optimizer.param_groups]
+        self.checkpointer.fine_tune = not resuming
         super().resume_or_load(resume)
+        if resuming:
+            self._apply_configured_solver(configured)
+            if comm.is_main_process():
+                truncate_metrics(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter)
+
+    def train(self):
+        """Detectron2's training loop; when it stops on divergence (``FloatingPointError``), a
+        checkpoint written by the step just before (its weights gave the non-finite loss) is
+        renamed ``*.diverged`` and ``last_checkpoint`` goes back to the newest checkpoint before it,
+        so that ``--resume`` starts from weights that trained."""
+        try:
+            return super().train()
+        except FloatingPointError:
+            if comm.is_main_process():
+                self._untag_diverged_checkpoint()
+            raise
+
+    def _untag_diverged_checkpoint(self):
+        latest = self.checkpointer.get_checkpoint_file()
+        if not latest or os.path.basename(latest) != f"model_{self.iter - 1:07d}.pth":
+            return
+        os.replace(latest, latest + ".diverged")
+        others = [f for f in self.checkpointer.get_all_checkpoint_files() if os.path.basename(f).startswith("model_")]
+        if others:
+            previous = max(others, key=lambda f: (os.path.getmtime(f), f))
+            self.checkpointer.tag_last_checkpoint(os.path.basename(previous))
+        else:
+            os.remove(os.path.join(self.cfg.OUTPUT_DIR, "last_checkpoint"))
+            previous = "none (--resume would start from MODEL.WEIGHTS)"
+        logger.error(f"{os.path.basename(latest)} holds the weights that diverged: renamed to "
+                     f"{os.path.basename(latest)}.diverged; last_checkpoint is now {os.path.basename(previous)}")
+
+    def _apply_configured_solver(self, configured):
+        """Put the config's hyper-parameters (``configured``: each group's, before the checkpoint was
+        loaded) back into the resumed optimizer and scheduler; log what changes."""
+        changes = set()
+        for group, wanted in zip(self.optimizer.param_groups, configured):
+            for key, value in wanted.items():
+                if group.get(key) != value:
+                    changes.add(f"{_SOLVER_KEYS.get(key, key)} {group.get(key)} -> {value}")
+                    group[key] = value
+        if changes:
+            self.scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+                group["lr"] = lr
+            logger.warning(f"resuming with the config's solver settings, not the checkpoint's: {'; '.join(sorted(changes))}")
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -225,22 +422,31 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        """The training images, checked before any is read: files that are not there are left out
+        (all missing: an error), invalid boxes dropped with a count per reason, then the checks of
+        :func:`check_training_boxes` and :func:`check_num_classes`."""
         dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
-        check_training_boxes(dicts, cfg.DATASETS.TRAIN)
+        dicts = drop_missing_images(dicts, cfg.DATASETS.TRAIN)
+        dicts, dropped = drop_invalid_boxes(dicts, cfg.DATASETS.TRAIN)
+        check_training_boxes(dicts, cfg.DATASETS.TRAIN, dropped)
         for name in cfg.DATASETS.TRAIN:
             check_num_classes(cfg.MODEL.MF_DETR.NUM_CLASSES, name)
         return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True), dataset=dicts)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        loader = build_detection_test_loader(cfg, dataset_name, mapper=DetrDatasetMapper(cfg, is_train=False))
+        """Detectron2's test loader over the images of ``dataset_name`` that exist (the others are
+        named in a warning); an image that cannot be read is skipped by the mapper and the
+        evaluator (:class:`ReadableCOCOEvaluator`)."""
         check_num_classes(cfg.MODEL.MF_DETR.NUM_CLASSES, dataset_name)
-        return loader
+        dicts = drop_missing_images(get_detection_dataset_dicts([dataset_name], filter_empty=False), [dataset_name])
+        return build_detection_test_loader(dataset=dicts, mapper=DetrDatasetMapper(cfg, is_train=False),
+                                           num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        return ReadableCOCOEvaluator(dataset_name, output_dir=output_folder)
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):

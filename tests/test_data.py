@@ -79,15 +79,42 @@ def test_mapper_reads_grayscale_rgba_palette_as_rgb(tmp_path, mode):
     assert out["image"].shape == (3, 160, 200)                            # the recipe tests at 1.25x
 
 
-def test_mapper_skips_unreadable_image_in_training_and_fails_in_test(tmp_path, caplog):
+def test_mapper_skips_unusable_images_in_training_and_in_evaluation(tmp_path, caplog):
     bad = str(tmp_path / "broken.jpg")
     open(bad, "wb").write(b"not an image")
+    thin = str(tmp_path / "thin.png")
+    Image.new("RGB", (3000, 2)).save(thin)
+    train, test = DetrDatasetMapper(toy_cfg(), is_train=True), DetrDatasetMapper(toy_cfg(), is_train=False)
     with caplog.at_level(logging.WARNING):
-        assert DetrDatasetMapper(toy_cfg(), is_train=True)(_dataset_dict(bad, [])) is None
+        assert train(_dataset_dict(bad, [])) is None
+        assert train(_dataset_dict(thin, [], h=2, w=3000)) is None
     assert "broken.jpg" in caplog.text
-    missing = str(tmp_path / "missing.jpg")
-    with pytest.raises(RuntimeError, match="missing.jpg"):
-        DetrDatasetMapper(toy_cfg(), is_train=False)(_dataset_dict(missing, []))
+    assert "thin.png" in caplog.text and "3000x2 pixels cannot be resized" in caplog.text
+    for path, (h, w) in ((str(tmp_path / "missing.jpg"), (128, 160)), (thin, (2, 3000))):
+        out = test(_dataset_dict(path, [], h=h, w=w))
+        assert os.path.basename(path) in caplog.text and out["unreadable"] and out["image"].shape == (3, 32, 32)
+        assert (out["height"], out["width"]) == (h, w)
+
+
+def test_mapper_names_an_exif_rotation_that_contradicts_the_json(tmp_path, caplog):
+    path = str(tmp_path / "rotated.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                     # rotate 90 degrees on display
+    Image.new("RGB", (160, 120), (90, 90, 90)).save(path, exif=exif.tobytes())
+    with caplog.at_level(logging.WARNING):
+        out = DetrDatasetMapper(toy_cfg(), is_train=False)(_dataset_dict(path, [], h=120, w=160))  # the stored size
+    assert out["unreadable"]
+    assert "it is 120x160 pixels, its json says 160x120" in caplog.text and "EXIF orientation tag (6" in caplog.text
+    ok = DetrDatasetMapper(toy_cfg(), is_train=False)(_dataset_dict(path, [], h=160, w=120))  # the oriented size
+    assert "unreadable" not in ok and ok["image"].shape[1:] == (200, 150)
+
+
+def test_training_mapper_stops_when_no_image_can_be_read(tmp_path):
+    mapper = DetrDatasetMapper(toy_cfg(), is_train=True)
+    for i in range(DetrDatasetMapper.max_failures - 1):
+        assert mapper(_dataset_dict(str(tmp_path / f"gone{i}.jpg"), [])) is None
+    with pytest.raises(RuntimeError, match="none of the first 20 training images.*gone19.jpg.*image_root"):
+        mapper(_dataset_dict(str(tmp_path / "gone19.jpg"), []))
 
 
 def test_missing_dataset_paths_are_named():

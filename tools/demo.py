@@ -9,17 +9,22 @@
     python tools/demo.py --config-file configs/mf_detr_toy.yaml --input dir/ --output out/ \
         --runtime onnxruntime --onnx mf_detr_toy.onnx      # the graph of tools/export_onnx.py
 
-For each readable image it writes ``<output>/<name>.png`` (the drawing) and ``<output>/<name>.json``
-(the detections above the threshold: COCO-style ``bbox`` [x, y, w, h] in pixels, ``category_id``
-(the dataset's own id, as in its json), ``category``, ``score``). An unreadable file is reported by
-name and skipped; the exit code is non-zero only when no input could be processed.
+For each readable image it writes ``<output>/<name>.png`` (the drawing, at most ``--max-draw-size``
+pixels on its longer side) and ``<output>/<name>.json`` (the detections above the threshold, in the
+image's own pixels: COCO-style ``bbox`` [x, y, w, h], ``category_id`` (the dataset's own id, as in
+its json), ``category``, ``score``). Inputs that share a name (``a/x.png``, ``b/x.png``) are written
+as ``x``, ``x_1``, ... (logged). An output that would replace one of the inputs (``--output`` the
+input folder) is refused before anything runs. An unreadable file, or one the detector cannot take
+(e.g. 5000x1 pixels), is reported by name and skipped; the exit code is non-zero only when no input
+could be processed.
 
 For a video (``--video-input``) or camera 0 (``--webcam``, until ``q`` or the end of the stream) it
 writes ``<output>/<name>.mp4`` (same size and frame rate, drawn with ``VideoVisualizer``, whose
 colours stay with an object from frame to frame) and ``<output>/<name>.jsonl``, one line per frame:
 ``{"frame": i, "time_s": t, "detections": [...]}`` (``name`` is the video's, or ``webcam``).
 Without ``--output`` the frames are shown in a window (a display and OpenCV's GUI needed). A video
-that cannot be opened, or no camera, is an error (exit 2) before the model is loaded; a frame that
+that cannot be opened, no camera, or an output that would replace the video, is an error (exit 2)
+before the model is loaded; a frame that
 cannot be decoded ends the video there: the frames before it are kept, the files are closed and
 playable, and the exit code is 1.
 """
@@ -36,6 +41,7 @@ import numpy as np
 import tqdm
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import _apply_exif_orientation
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import Visualizer
@@ -60,6 +66,44 @@ def expand_inputs(inputs):
             found = [item]
         paths.extend(p for p in found if p not in paths)
     return paths
+
+
+def plan_outputs(paths, output, logger):
+    """``[(input path, output stem)]``: each input's drawing and JSON go to ``<output>/<stem>.png``
+    and ``.json``. Inputs sharing a base name get ``_1``, ``_2``... (logged). Raises ``ValueError``
+    when an output file would be one of the inputs."""
+    taken, plan = set(), []
+    inputs = {os.path.realpath(p): p for p in paths}
+    for path in paths:
+        name = stem = os.path.splitext(os.path.basename(path))[0]
+        k = 0
+        while stem.lower() in taken:
+            k += 1
+            stem = f"{name}_{k}"
+        if stem != name:
+            logger.warning(f"{path}: another input is also named {name!r}: written as {stem}.png / {stem}.json")
+        taken.add(stem.lower())
+        for ext in (".png", ".json"):
+            target = os.path.realpath(os.path.join(output, stem + ext))
+            if target in inputs:
+                raise ValueError(f"--output {output!r} would overwrite the input {inputs[target]!r} with a drawing: "
+                                 f"choose an output folder that is not the input folder")
+        plan.append((path, stem))
+    return plan
+
+
+def drawable(rgb, instances, max_side):
+    """The image and detections to draw: both scaled down to at most ``max_side`` pixels on the
+    longer side (drawing a 12000x9000 photo at full size takes minutes and gigabytes)."""
+    h, w = rgb.shape[:2]
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return rgb, instances
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    small = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    scaled = Instances(size, scores=instances.scores, pred_classes=instances.pred_classes,
+                       pred_boxes=Boxes(instances.pred_boxes.tensor * scale))
+    return small, scaled
 
 
 def read_image_rgb(path):
@@ -100,6 +144,8 @@ def main(argv=None):
     parser.add_argument("--output", help="folder for the drawings and JSON files (images: required; videos: "
                                          "without it the frames are shown in a window)")
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    parser.add_argument("--max-draw-size", type=int, default=2048, metavar="PIXELS",
+                        help="longer side of the drawings of larger images (their JSON stays in full-size pixels)")
     parser.add_argument("--runtime", default="torch", choices=RUNTIMES,
                         help="torch (eager), compile (torch.compile), onnxruntime or openvino (with --onnx)")
     parser.add_argument("--onnx", help="the graph of tools/export_onnx.py, for --runtime onnxruntime / openvino")
@@ -113,7 +159,25 @@ def main(argv=None):
     setup_logger(name="mobileformer_det", abbrev_name="mfdet")
     logging.getLogger("fvcore").setLevel(logging.WARNING)
 
+    plan = None
+    if args.input:  # the inputs and where they go first: nothing is loaded for an output that is refused
+        paths = expand_inputs(args.input)
+        if not paths:
+            logger.error(f"no image found in {args.input}")
+            return 2
+        try:
+            plan = plan_outputs(paths, args.output, logger)
+        except ValueError as e:
+            logger.error(str(e))
+            return 2
     capture = None
+    if args.video_input and args.output:
+        name = os.path.splitext(os.path.basename(args.video_input))[0]
+        written = {os.path.realpath(os.path.join(args.output, name + ext)) for ext in (".mp4", ".jsonl")}
+        if os.path.realpath(args.video_input) in written:
+            logger.error(f"--output {args.output!r} would overwrite the video {args.video_input!r} while reading it: "
+                         f"choose another output folder")
+            return 2
     if args.video_input or args.webcam:  # the source and the display first: no model is loaded for nothing
         problem = None if args.output else no_window_reason()
         if problem:
@@ -152,17 +216,14 @@ def main(argv=None):
     if capture is not None:
         name = os.path.splitext(os.path.basename(args.video_input))[0] if args.video_input else "webcam"
         return run_stream(capture, name, args.video_input or "camera 0", predictor, metadata, args, logger)
-    return run_images(predictor, metadata, args, logger)
+    return run_images(plan, predictor, metadata, args, logger)
 
 
-def run_images(predictor, metadata, args, logger):
-    paths = expand_inputs(args.input)
-    if not paths:
-        logger.error(f"no image found in {args.input}")
-        return 2
+def run_images(plan, predictor, metadata, args, logger):
+    """Detect on each ``(path, stem)`` of ``plan`` (:func:`plan_outputs`) and write its drawing and JSON."""
     os.makedirs(args.output, exist_ok=True)
     done, failed = 0, []
-    for path in tqdm.tqdm(paths, disable=len(paths) < 2):
+    for path, stem in tqdm.tqdm(plan, disable=len(plan) < 2):
         try:
             rgb = read_image_rgb(path)
         except Exception as e:
@@ -170,17 +231,22 @@ def run_images(predictor, metadata, args, logger):
             failed.append(path)
             continue
         start = time.perf_counter()
-        instances = predictor(rgb)
+        try:
+            instances = predictor(rgb)
+        except Exception as e:  # e.g. an image too thin to resize to the network's input
+            logger.error(f"cannot detect on {path!r} ({rgb.shape[1]}x{rgb.shape[0]} pixels): {e}; skipped")
+            failed.append(path)
+            continue
         elapsed = time.perf_counter() - start
         instances = instances[instances.scores >= args.confidence_threshold]
         logger.info(f"{path}: {len(instances)} detections in {elapsed:.3f}s")
-        name = os.path.splitext(os.path.basename(path))[0]
-        Visualizer(rgb, metadata).draw_instance_predictions(instances).save(os.path.join(args.output, name + ".png"))
-        with open(os.path.join(args.output, name + ".json"), "w") as f:
+        image, shown = drawable(rgb, instances, args.max_draw_size)
+        Visualizer(image, metadata).draw_instance_predictions(shown).save(os.path.join(args.output, stem + ".png"))
+        with open(os.path.join(args.output, stem + ".json"), "w") as f:
             json.dump({"file_name": path, "height": rgb.shape[0], "width": rgb.shape[1],
                        "detections": detections_to_json(instances, metadata)}, f, indent=1)
         done += 1
-    logger.info(f"{done} image(s) written to {args.output}; {len(failed)} unreadable: {failed}")
+    logger.info(f"{done} image(s) written to {args.output}; {len(failed)} skipped: {failed}")
     return 0 if done else 1
 
 

@@ -4,9 +4,13 @@
 
 Without CUDA, MODEL.DEVICE falls back to cpu and AMP is turned off. With MODEL.DEVICE cpu,
 --num-gpus N starts N processes that talk over gloo, also on a machine that has GPUs.
+
+A training holds a lock on its OUTPUT_DIR: a second one started into the same folder stops at once,
+naming the first. --eval-only needs weights: MODEL.WEIGHTS, or --resume with a checkpoint in OUTPUT_DIR.
 """
 import logging
 import os
+import sys
 
 import torch
 from detectron2.engine import default_argument_parser, default_setup, launch
@@ -17,7 +21,7 @@ from detectron2.utils.logger import setup_logger
 from mobileformer_det import setup_cfg
 from mobileformer_det.checkpoint import MobileFormerCheckpointer
 from mobileformer_det.data import register_datasets_from_config
-from mobileformer_det.engine import Trainer
+from mobileformer_det.engine import Trainer, claim_output_dir
 
 logger = logging.getLogger("mobileformer_det")
 
@@ -37,6 +41,15 @@ def processes_on_cpu(cfg, world_size):
         message += f"; the {world_size} processes use gloo"
     logger.warning(message)
     return message
+
+
+def weights_problem(cfg, args):
+    """Why ``--eval-only`` would evaluate a model that was never trained (None when it would not)."""
+    has = os.path.exists(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if not args.eval_only or cfg.MODEL.WEIGHTS or (args.resume and has):
+        return None
+    return ("--eval-only needs trained weights: pass MODEL.WEIGHTS path/to/model_final.pth"
+            + (f", or add --resume to evaluate the last checkpoint in {cfg.OUTPUT_DIR!r}" if has else ""))
 
 
 def main(cfg, args):
@@ -72,6 +85,14 @@ if __name__ == "__main__":
     print("Command Line Args:", args)
     setup_logger(name="mobileformer_det", abbrev_name="mfdet")
     cfg = setup_cfg(args.config_file, args.opts)  # once, here: the processes get it as it is
+    problem = weights_problem(cfg, args)
+    if problem:
+        sys.exit(f"train_net.py: error: {problem}")
+    if not args.eval_only and args.machine_rank == 0:  # before anything is written there
+        try:
+            lock = claim_output_dir(cfg.OUTPUT_DIR)  # noqa: F841 (held open until this process ends)
+        except RuntimeError as e:
+            sys.exit(f"train_net.py: error: {e}")
     processes_on_cpu(cfg, args.num_gpus * args.num_machines)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(cfg, args))

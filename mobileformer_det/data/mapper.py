@@ -24,9 +24,17 @@ class DetrDatasetMapper:
     polygon left the crop.
     Test: the shorter side resized to ``min_size_test``.
 
-    An image that cannot be read makes the mapper return None after a warning naming the file:
-    Detectron2's loader then takes another image, so one bad file does not end a training run.
+    An image that cannot be used (missing, truncated, not an image, another size than its json
+    says, e.g. because of an EXIF rotation, or too thin to resize) is named in a warning and
+    skipped, so that one bad file does not end a run: in training the mapper returns None and
+    Detectron2's loader takes another image (if none of the first ``max_failures`` images could be
+    read, it raises instead: the dataset's paths are wrong); in evaluation it returns the input
+    marked ``unreadable`` with a blank image, which :class:`~mobileformer_det.engine.ReadableCOCOEvaluator`
+    leaves out.
     """
+
+    max_failures = 20
+
 
     def __init__(self, cfg, is_train=True):
         self.is_train = is_train
@@ -46,21 +54,28 @@ class DetrDatasetMapper:
         else:
             self.augmentations = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
             self.crop_prob = 0.0
+        self._read = self._failed = 0
 
     def __call__(self, dataset_dict):
         dataset_dict = copy.deepcopy(dataset_dict)
+        path = dataset_dict["file_name"]
         try:
-            image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
-            utils.check_image_size(dataset_dict, image)
-        except Exception as e:  # missing, truncated or not an image
-            if not self.is_train:
-                raise RuntimeError(f"cannot read image {dataset_dict['file_name']!r}: {e}") from e
-            logger.warning(f"skipping image {dataset_dict['file_name']!r}: {e}")
-            return None
-
-        augs = self.crop_augmentations if np.random.rand() < self.crop_prob else self.augmentations
-        aug_input = T.AugInput(image)
-        transforms = T.AugmentationList(augs)(aug_input)
+            image = utils.read_image(path, format=self.image_format)
+            problem = size_problem(path, dataset_dict, image.shape[:2])
+            if problem:
+                raise ValueError(problem)
+            dataset_dict.setdefault("height", image.shape[0])  # as utils.check_image_size does
+            dataset_dict.setdefault("width", image.shape[1])
+            augs = self.crop_augmentations if np.random.rand() < self.crop_prob else self.augmentations
+            aug_input = T.AugInput(image)
+            try:
+                transforms = T.AugmentationList(augs)(aug_input)
+            except Exception as e:
+                raise ValueError(f"its {image.shape[1]}x{image.shape[0]} pixels cannot be resized to the network's "
+                                 f"input (a side would be under 1 pixel: {e})") from e
+        except Exception as e:  # missing, truncated, not an image, wrong size, too thin to resize
+            return self._skip(dataset_dict, e)
+        self._read += 1
         image = aug_input.image
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if not self.is_train:
@@ -78,3 +93,42 @@ class DetrDatasetMapper:
         instances = utils.annotations_to_instances(annos, image.shape[:2])
         dataset_dict["instances"] = utils.filter_empty_instances(instances)
         return dataset_dict
+
+    def _skip(self, dataset_dict, error):
+        self._failed += 1
+        path = dataset_dict["file_name"]
+        logger.warning(f"skipping image {path!r}: {error}")
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+            dataset_dict["unreadable"] = str(error)
+            dataset_dict["image"] = torch.zeros(3, 32, 32, dtype=torch.uint8)
+            return dataset_dict
+        if self._read == 0 and self._failed >= self.max_failures:
+            raise RuntimeError(f"none of the first {self._failed} training images this loader tried could be read "
+                               f"(the last: {path!r}: {error}): check the dataset's image_root and files")
+        return None
+
+
+# EXIF orientations that swap an image's width and height (rotations by 90 or 270 degrees).
+_TRANSPOSING_ORIENTATIONS = {5: "transposed", 6: "rotated 90 degrees", 7: "transversed", 8: "rotated 270 degrees"}
+
+
+def size_problem(path, dataset_dict, shape):
+    """Why an image read as ``shape`` (h, w) does not fit its dataset dict's ``height``/``width``
+    (None when it does). An EXIF orientation that swaps the sides is named as the cause: Detectron2
+    applies it, so a json written with the stored size disagrees with the image training sees."""
+    expected = (dataset_dict.get("height"), dataset_dict.get("width"))
+    if None in expected or tuple(expected) == tuple(shape):
+        return None
+    h, w = shape
+    message = f"it is {w}x{h} pixels, its json says {expected[1]}x{expected[0]}"
+    if tuple(expected) == (w, h):
+        from PIL import Image
+
+        with Image.open(path) as img:
+            orientation = img.getexif().get(0x0112)
+        if orientation in _TRANSPOSING_ORIENTATIONS:
+            return (f"{message}: its EXIF orientation tag ({orientation}, {_TRANSPOSING_ORIENTATIONS[orientation]}) "
+                    f"swaps the stored sides, and Detectron2 applies it when reading. Write the oriented size (and "
+                    f"boxes in the oriented image) into the json, or save the image without the orientation tag")
+    return message + ": fix the width/height in the json (and check its boxes)"

@@ -95,7 +95,7 @@ class MobileFormer(Backbone):
     Args:
         spec: a :class:`MobileFormerSpec` (see ``VARIANTS``).
         out_features: names of the maps to return.
-        norm: "BN", "FrozenBN", "SyncBN" (anything ``detectron2.layers.get_norm`` takes).
+        norm: one of :data:`SUPPORTED_NORMS` (``detectron2.layers.get_norm``'s batch norms).
         drop_path: the largest stochastic-depth rate (the reference's linear schedule over blocks).
         freeze_at: 0 trains everything; 1 freezes the stem (with any block still at stride 2) and the
             tokens; k >= 2 also ``res2..res<k>``.
@@ -230,6 +230,10 @@ class MobileFormer(Backbone):
         self.final_mobile_to_former = None
 
 
+# The normalisations ``MODEL.MOBILEFORMER.NORM`` may name (``detectron2.layers.get_norm``'s batch norms).
+SUPPORTED_NORMS = ("BN", "FrozenBN", "SyncBN", "nnSyncBN", "naiveSyncBN")
+
+
 @BACKBONE_REGISTRY.register()
 def build_mobileformer_backbone(cfg, input_shape):
     """Build a :class:`MobileFormer` from ``cfg.MODEL.MOBILEFORMER``."""
@@ -239,6 +243,11 @@ def build_mobileformer_backbone(cfg, input_shape):
             f"MODEL.MOBILEFORMER.VARIANT={mf.VARIANT!r} is not a Mobile-Former variant; "
             f"choose one of {', '.join(VARIANTS)}"
         )
+    if mf.NORM not in SUPPORTED_NORMS:
+        raise ValueError(
+            f"MODEL.MOBILEFORMER.NORM={mf.NORM!r} is not supported: Mobile-Former's convolutions take one of "
+            f"{', '.join(SUPPORTED_NORMS)} (batch norms: the authors' weights carry batch-norm statistics, and "
+            f"the padding masks assume a per-channel affine norm)")
     if input_shape.channels != 3:
         raise ValueError(f"Mobile-Former takes 3-channel RGB input, got {input_shape.channels} channels")
     return MobileFormer(
