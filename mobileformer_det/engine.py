@@ -110,7 +110,8 @@ class _StopsOnNonFinite:
 
     def _watch_losses(self):
         self._losses = {}
-        self.model.register_forward_hook(lambda module, inputs, output: setattr(self, "_losses", output))
+        self.model.register_forward_hook(lambda module, inputs, output: setattr(
+            self, "_losses", output if isinstance(output, dict) else {"total_loss": output}))  # as run_step reads it
 
     def _check_finite(self, grad_norm, amp):
         total = sum((v.detach().float().sum() for v in self._losses.values()), torch.zeros(()))

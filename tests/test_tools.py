@@ -42,6 +42,7 @@ def test_demo_on_awkward_images(tmp_path, toy_weights):
     Image.fromarray(rng.randint(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / "tiny.jpg")
     Image.fromarray(rng.randint(0, 255, (3000, 4000, 3), dtype=np.uint8)).save(folder / "large.jpg", quality=50)
     Image.fromarray(rng.randint(0, 65535, (64, 80), dtype=np.uint16)).save(folder / "deep16.png")
+    Image.fromarray(rng.randint(0, 255, (1, 5000, 3), dtype=np.uint8)).save(folder / "thin.png")
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     out = tmp_path / "out"
     result = _tool("demo.py", "--config-file", TOY_CONFIG, "--input", folder, "--output", out,
@@ -50,11 +51,13 @@ def test_demo_on_awkward_images(tmp_path, toy_weights):
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr  # Detectron2's logger writes to stdout
     assert "cannot read" in log and "corrupt.jpg" in log and "skipped" in log
+    assert "cannot detect on" in log and "thin.png' (5000x1 pixels)" in log     # skipped; the images after it go on
     good = ["deep16", "gray", "large", "rgba", "tiny"]
     assert sorted(f for f in os.listdir(out)) == sorted([g + ".png" for g in good] + [g + ".json" for g in good])
     large = json.load(open(out / "large.json"))
     assert (large["height"], large["width"]) == (3000, 4000)
-    assert Image.open(out / "large.png").size == (4000, 3000)
+    assert Image.open(out / "large.png").size == (2048, 1536)                # drawn at --max-draw-size
+    assert max(d["bbox"][0] + d["bbox"][2] for d in large["detections"]) > 2048  # the JSON in the image's pixels
 
     # the JSON holds exactly what the model detects at that threshold, in the input's pixels
     cfg = toy_cfg("MODEL.WEIGHTS", toy_weights)
@@ -91,13 +94,15 @@ def test_analyze_model_smoke():
     assert "| backbone" in result.stdout and "| total" in result.stdout and "MFDETR(" in result.stdout
 
 
-@pytest.mark.parametrize("task", ["eval", "train", "data"])
+@pytest.mark.parametrize("task", ["eval", "train", "data", "checks"])
 def test_benchmark_smoke(task):
     result = _tool("benchmark.py", "--config-file", TOY_CONFIG, "--task", task, "--runs", 1, "--warmup", 0,
-                   "--batch-sizes", 1, "--train-batch", 2, "--input-size", 64, 96,
+                   "--batch-sizes", 1, "--train-batch", 2, "--input-size", 64, 96, "--images", 50,
                    "DATASETS.TOY_ROOT", os.path.join(ROOT, "datasets", "toy_coco"), "SOLVER.IMS_PER_BATCH", 2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "device: cpu" in result.stdout
+    if task == "checks":
+        assert "| missing files (50 images)" in result.stdout and "| invalid boxes (" in result.stdout
     if task == "eval":  # the default runtimes and torchvision's detector, each with its ratio to the first
         rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| ")}
         assert {"MF-DETR mf52 plain", "MF-DETR mf52 torch", "torchvision FRCNN-MobileNetV3-FPN"} <= set(rows)

@@ -10,6 +10,7 @@
         --task variants --input-size 640 640 --runtime torch onnxruntime
     python tools/benchmark.py --config-file configs/mf_detr_toy.yaml --task train
     python tools/benchmark.py --config-file configs/mf_detr_toy.yaml --task data
+    python tools/benchmark.py --config-file configs/mf_detr_toy.yaml --task checks --images 118287
 
 ``train`` times the trainer's own step (forward, backward, clipping, optimizer; AMP with ``--amp``
 on CUDA) on a synthetic batch. ``eval`` times each ``--runtime`` at batch 1 and batch 8 (median and
@@ -397,11 +398,42 @@ def bench_data(args, cfg):
                    ["dataset", "workers", "batch", "images/s"], tablefmt="pipe"))
 
 
+def bench_checks(args, cfg):
+    """The cost of the training set's checks before training (missing files, invalid boxes) on a
+    listing of ``--images`` images in one folder, with COCO train2017's 7.3 boxes per image."""
+    from detectron2.structures import BoxMode
+
+    from mobileformer_det.data import drop_invalid_boxes, drop_missing_images
+
+    rng = np.random.RandomState(0)
+    with tempfile.TemporaryDirectory() as folder:
+        records = []
+        for i in range(args.images):
+            path = os.path.join(folder, f"{i:012d}.jpg")
+            open(path, "wb").close()
+            w, h = rng.randint(200, 641, 2)
+            boxes = rng.rand(rng.poisson(7.3), 4) * [w / 2, h / 2, w / 2, h / 2]
+            records.append({"file_name": path, "height": int(h), "width": int(w), "image_id": i, "annotations": [
+                {"bbox": b.tolist(), "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0, "iscrowd": 0} for b in boxes]})
+        rows = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            drop_missing_images(records, ["listing"])
+            middle = time.perf_counter()
+            drop_invalid_boxes(records, ["listing"])
+            rows.append((middle - start, time.perf_counter() - middle))
+    boxes = sum(len(r["annotations"]) for r in records)
+    print(tabulate([[f"missing files ({args.images} images)", f"{np.median([r[0] for r in rows]):.3f}"],
+                    [f"invalid boxes ({boxes} boxes)", f"{np.median([r[1] for r in rows]):.3f}"]],
+                   ["check", "seconds (median)"], tablefmt="pipe"))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", required=True, nargs="+", metavar="FILE",
                         help="one config; --task variants takes several (one row each)")
-    parser.add_argument("--task", choices=["eval", "train", "data", "variants"], default="eval")
+    parser.add_argument("--task", choices=["eval", "train", "data", "checks", "variants"], default="eval")
+    parser.add_argument("--images", type=int, default=118287, help="checks: images in the listing (COCO train2017's)")
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
     parser.add_argument("--compare-size", nargs=2, type=int, metavar=("H", "W"),
                         help="input size of the torchvision detector (default: --input-size)")
@@ -447,7 +479,7 @@ def main(argv=None):
     elif args.task == "eval" and args.breakdown:
         bench_breakdown(args, cfg)
     else:
-        {"eval": bench_eval, "train": bench_train, "data": bench_data}[args.task](args, cfg)
+        {"eval": bench_eval, "train": bench_train, "data": bench_data, "checks": bench_checks}[args.task](args, cfg)
 
 
 if __name__ == "__main__":

@@ -165,10 +165,10 @@ def _box_problem(box, mode, height, width):
         return "zero width or height"
     if height is None or width is None:
         return None
-    if x0 < -width or y0 < -height or x1 > 2 * width or y1 > 2 * height:
-        return "more than the image's size beyond its border"
     if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
         return "outside the image"
+    if x0 < -width or y0 < -height or x1 > 2 * width or y1 > 2 * height:
+        return "more than the image's size beyond its border"
     return None
 
 
