@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TOY_OUT := output/mf_detr_toy
 
-.PHONY: setup toy test test-fast clean
+.PHONY: setup toy test test-fast gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest tests -v -m "not slow"
+
+# The wheels a GPU machine with PyTorch lacks, for tools/gpu_check.py there (into .whl/, ignored by git).
+gpu-wheels: setup
+	$(PY) tools/gpu_check.py --prepare
 
 clean:
 	rm -rf $(VENV) output

@@ -19,20 +19,13 @@ TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
 
 @pytest.fixture(scope="module")
 def coco_like(tmp_path_factory):
-    from mobileformer_det.modeling import mobile_former_classifier
+    from mobileformer_det.data.coco_like import write_imagenet_like_weights
 
     root = tmp_path_factory.mktemp("coco_like")
     train_json, train_images = make_coco_like(str(root), "train", 90, seed=0)
     val_json, val_images = make_coco_like(str(root), "val", 8, seed=1)
     # What tools/convert_official_weights.py writes for the authors' 508M checkpoint (random values).
-    torch.manual_seed(0)
-    classifier = mobile_former_classifier("mf508")
-    for m in classifier.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    weights = str(root / "mf508_imagenet_d2.pth")
-    torch.save({"model": classifier.state_dict()}, weights)
+    weights = write_imagenet_like_weights("mf508", str(root / "mf508_imagenet_d2.pth"))
     datasets = f"[['cl_train', '{train_json}', '{train_images}'], ['cl_val', '{val_json}', '{val_images}']]"
     return {"root": root, "weights": weights, "datasets": datasets}
 

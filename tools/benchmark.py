@@ -145,8 +145,13 @@ def bench_eval(args, cfg):
                 rows.append([name, f"{size[0]}x{size[1]}", batch, f"{1000 * np.median(t):.1f}",
                              f"{1000 * np.percentile(t, 90):.1f}", f"{batch / np.median(t):.2f}",
                              f"{np.median(t) / np.median(times[first]):.2f}"])
-    print(tabulate(rows, ["model", "input", "batch", "median ms", "p90 ms", "images/s", f"/ {first.split()[-1]}"],
-                   tablefmt="pipe"))
+                if device.type == "cuda":  # each runtime once more, alone, for its peak memory
+                    torch.cuda.reset_peak_memory_stats(device)
+                    with torch.no_grad(), autocast(device, args.amp):
+                        calls[name]()
+                    rows[-1].append(f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}")
+    headers = ["model", "input", "batch", "median ms", "p90 ms", "images/s", f"/ {first.split()[-1]}"]
+    print(tabulate(rows, headers + (["peak GiB"] if device.type == "cuda" else []), tablefmt="pipe"))
 
 
 def time_interleaved(calls, device, runs, warmup):
