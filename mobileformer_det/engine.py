@@ -116,7 +116,7 @@ class _StopsOnNonFinite:
     def _check_finite(self, grad_norm, amp):
         total = sum((v.detach().float().sum() for v in self._losses.values()), torch.zeros(()))
         bad = ~torch.isfinite(total)
-        if not amp:
+        if not amp and grad_norm is not None:
             bad = bad | ~torch.isfinite(grad_norm)
         flag = bad.float().reshape(1)
         if comm.get_world_size() > 1:
@@ -125,10 +125,12 @@ class _StopsOnNonFinite:
             return
         terms = sorted(self._losses.items(), key=lambda kv: bool(torch.isfinite(kv[1]).all()))
         shown = ", ".join(f"{k} {v.item():.4g}" for k, v in terms[:8]) + (" ..." if len(terms) > 8 else "")
+        finite_grads = grad_norm is None or bool(torch.isfinite(grad_norm))
         where = "a non-finite loss" if not bool(torch.isfinite(total)) else (
-            "non-finite gradients" if not bool(torch.isfinite(grad_norm)) else "a non-finite loss on another process")
+            "non-finite gradients" if not finite_grads else "a non-finite loss on another process")
+        norm = "not measured" if grad_norm is None else f"{float(grad_norm):.4g}"
         raise FloatingPointError(
-            f"training diverged at iteration {self.iter}: {where} (gradient norm {float(grad_norm):.4g}; loss terms on "
+            f"training diverged at iteration {self.iter}: {where} (gradient norm {norm}; loss terms on "
             f"this process: {shown}). This step was not applied, and no checkpoint is written from it. Lower "
             f"SOLVER.BASE_LR, keep SOLVER.CLIP_GRADIENTS.ENABLED on{', turn SOLVER.AMP.ENABLED off' if amp else ''}, "
             f"and train again, or --resume from a checkpoint written before the losses grew (see metrics.json)")
@@ -160,7 +162,7 @@ class ClippingAMPTrainer(_StopsOnNonFinite, AMPTrainer):
         self._watch_losses()
 
     def after_backward(self):
-        grad_norm = torch.zeros(())
+        grad_norm = None
         if self.clip_norm is not None:
             # GradScaler.step then knows the gradients are unscaled (fused optimizers included).
             self.grad_scaler.unscale_(self.optimizer)

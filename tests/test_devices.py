@@ -28,7 +28,10 @@ def _batch(seed=0):
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_padding_does_not_change_detections_on_the_device(device):
+def test_padding_does_not_change_detections_on_the_device(device, monkeypatch):
+    """The small image alone (no padding but its own) vs batched with a larger one (padded); TF32
+    convolutions off (cuDNN picks other algorithms for the two sizes, which round apart)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     model = build_model(toy_cfg("MODEL.DEVICE", device)).eval()
     small, large = image_input(0, 96, 128), image_input(1, 160, 224)
@@ -40,10 +43,12 @@ def test_padding_does_not_change_detections_on_the_device(device):
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_prepared_model_gives_the_plain_models_detections_on_the_device(device):
-    """Batch norm and neck folded, channels-last backbone (prepare_for_inference) vs the model as trained."""
+def test_prepared_model_gives_the_plain_models_detections_on_the_device(device, monkeypatch):
+    """Batch norm and neck folded, channels-last backbone (prepare_for_inference) vs the model as trained,
+    to float rounding (TF32 convolutions off: they round both models apart by more)."""
     from mobileformer_det.modeling.inference import prepare_for_inference
 
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     model = build_model(toy_cfg("MODEL.DEVICE", device, "MODEL.MF_DETR.TEST_NMS_THRESH", 0.0)).eval()
     with torch.no_grad():
@@ -55,10 +60,10 @@ def test_prepared_model_gives_the_plain_models_detections_on_the_device(device):
         expected, got = model(inputs), prepared(inputs)
     for e, g in zip(expected, got):
         e, g = e["instances"], g["instances"]
-        keep = e.scores > 0.05
-        assert keep.sum() >= 1
-        torch.testing.assert_close(g.scores[: keep.sum()], e.scores[keep], atol=1e-3, rtol=0)
-        torch.testing.assert_close(g.pred_boxes.tensor[: keep.sum()], e.pred_boxes.tensor[keep], atol=0.05, rtol=0)
+        for i in range(10):  # each of the 10 best detections is among the prepared model's (order may swap on ties)
+            same = ((g.scores - e.scores[i]).abs() < 1e-5) & (g.pred_classes == e.pred_classes[i]) & \
+                   ((g.pred_boxes.tensor - e.pred_boxes.tensor[i]).abs().amax(1) < 2e-3)
+            assert same.any(), (i, e[i], g[:12])
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])

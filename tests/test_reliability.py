@@ -195,6 +195,7 @@ def _demo(*args):
     return _tool("demo.py", "--config-file", TOY_CONFIG, *args)
 
 
+@pytest.mark.slow
 def test_the_demo_never_overwrites_its_inputs(tmp_path, toy_weights):
     folder, other = tmp_path / "photos", tmp_path / "more"
     folder.mkdir()
@@ -252,6 +253,7 @@ def test_fine_tuning_to_another_class_count_restarts_only_the_class_heads(tmp_pa
         MobileFormerCheckpointer(wider, variant="mf52", fine_tune=True).load(toy_weights)
 
 
+@pytest.mark.slow
 def test_files_that_are_not_checkpoints_are_named_as_such(tmp_path, toy_weights):
     text = tmp_path / "notes.pth"
     text.write_text("hello")
