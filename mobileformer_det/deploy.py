@@ -10,6 +10,7 @@ the boxes are scaled back. Eager PyTorch instead masks the padding out, so for l
 the runtimes agree to about the effect of that padding, and exactly when the image already has the
 network's size after resizing.
 """
+import logging
 import os
 
 import numpy as np
@@ -24,6 +25,8 @@ from .modeling.detr.mf_detr import suppress_duplicates, top_detections
 from .modeling.inference import prepare_for_inference
 
 __all__ = ["TensorDetector", "export_onnx", "graph_runner", "Predictor", "RUNTIMES"]
+
+logger = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "compile", "onnxruntime", "openvino")
 
@@ -175,6 +178,12 @@ class Predictor:
                                         f"got {onnx_path!r}")
             check_graph_classes(onnx_path, cfg.MODEL.MF_DETR.NUM_CLASSES)
             self.input_size = onnx_input_size(onnx_path)
+            if min(self.input_size) < cfg.INPUT.MIN_SIZE_TEST:
+                logger.warning(
+                    f"{onnx_path!r} takes {self.input_size[0]}x{self.input_size[1]} images: they are shown to it at most "
+                    f"{min(self.input_size)} px on their shorter side, but evaluation resizes them to "
+                    f"{cfg.INPUT.MIN_SIZE_TEST} (INPUT.MIN_SIZE_TEST), so it detects on smaller images than were "
+                    f"evaluated. Export at least {cfg.INPUT.MIN_SIZE_TEST} px on the shorter side")
             self._run = graph_runner(onnx_path, runtime, threads)
             return
         self.model = load_model(cfg)

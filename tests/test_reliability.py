@@ -1,6 +1,7 @@
 """What a user gives the tools that must not lose their work: bad files and boxes, divergence, resumes
 with another config, two trainings in one folder, and the demo's outputs. Each through the command line."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -231,8 +232,6 @@ def test_the_demo_never_overwrites_its_inputs(tmp_path, toy_weights):
 
 def test_fine_tuning_to_another_class_count_restarts_only_the_class_heads(tmp_path, toy_weights, caplog):
     """A new training from MODEL.WEIGHTS may change the class count (Detectron2's fine-tuning); nothing else."""
-    import logging
-
     from detectron2.modeling import build_model
 
     from helpers import toy_cfg
@@ -305,12 +304,15 @@ def test_a_training_set_whose_images_are_all_missing_stops_before_the_model(tmp_
     assert drop_missing_images(records, ["x"]) == [records[1]]
 
 
-def test_a_graph_exported_for_another_class_count_is_refused(tmp_path, toy_weights):
+def test_a_graph_exported_for_another_class_count_is_refused(tmp_path, toy_weights, caplog):
+    """...and one exported smaller than the config's test size is warned about."""
     from helpers import toy_cfg
     from mobileformer_det.deploy import Predictor, export_onnx, load_model
 
     path = str(tmp_path / "toy.onnx")
     export_onnx(load_model(toy_cfg("MODEL.WEIGHTS", toy_weights)), path, 64, 64)
-    Predictor(toy_cfg(), "onnxruntime", onnx_path=path)
+    with caplog.at_level(logging.WARNING):
+        Predictor(toy_cfg(), "onnxruntime", onnx_path=path)
+    assert "takes 64x64 images" in caplog.text and "evaluation resizes them to 160 (INPUT.MIN_SIZE_TEST)" in caplog.text
     with pytest.raises(ValueError, match="exported for 4 classes, but the config has MODEL.MF_DETR.NUM_CLASSES 80"):
         Predictor(toy_cfg("MODEL.MF_DETR.NUM_CLASSES", 80), "onnxruntime", onnx_path=path)
