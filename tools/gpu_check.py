@@ -31,8 +31,8 @@ run stopped from outside still leaves its table:
 6. benchmarks: ``tools/benchmark.py --task train --amp`` and ``--task eval`` in float32 and float16,
    batch 1 and 8, for mf508 and mf26 at 800x1344 and 640x640 (images/s, ms/image, peak memory).
 
-``--dry-run`` runs the same steps on the CPU with tiny images, few iterations and one benchmark
-size, so that the day this runs on a GPU it fails only for GPU reasons.
+``--dry-run`` runs the same steps on the CPU with tiny images, few iterations, one benchmark size
+and batch 1, so that the day this runs on a GPU it fails only for GPU reasons.
 """
 import argparse
 import importlib.metadata
@@ -161,8 +161,9 @@ def steps(args, out):
             result.append((f"bench train AMP {name}", [*bench, *cfg, "--task", "train", "--amp", "--train-batch", "2"], 600))
             for precision in ("fp32", "fp16"):
                 amp = ["--amp"] if precision == "fp16" else []
+                batches = ["1"] if dry else ["1", "8"]
                 result.append((f"bench eval {precision} {name}", [*bench, *cfg, "--task", "eval", "--runtime", "plain",
-                                                                  "torch", "--batch-sizes", "1", "8", *amp], 600))
+                                                                  "torch", "--batch-sizes", *batches, *amp], 600))
     return result
 
 
