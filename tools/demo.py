@@ -171,9 +171,9 @@ def main(argv=None):
             logger.error(str(e))
             return 2
     capture = None
+    stream_name = os.path.splitext(os.path.basename(args.video_input))[0] if args.video_input else "webcam"
     if args.video_input and args.output:
-        name = os.path.splitext(os.path.basename(args.video_input))[0]
-        written = {os.path.realpath(os.path.join(args.output, name + ext)) for ext in (".mp4", ".jsonl")}
+        written = {os.path.realpath(os.path.join(args.output, stream_name + ext)) for ext in (".mp4", ".jsonl")}
         if os.path.realpath(args.video_input) in written:
             logger.error(f"--output {args.output!r} would overwrite the video {args.video_input!r} while reading it: "
                          f"choose another output folder")
@@ -214,8 +214,7 @@ def main(argv=None):
         return 2
 
     if capture is not None:
-        name = os.path.splitext(os.path.basename(args.video_input))[0] if args.video_input else "webcam"
-        return run_stream(capture, name, args.video_input or "camera 0", predictor, metadata, args, logger)
+        return run_stream(capture, stream_name, args.video_input or "camera 0", predictor, metadata, args, logger)
     return run_images(plan, predictor, metadata, args, logger)
 
 
