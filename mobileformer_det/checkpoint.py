@@ -200,6 +200,7 @@ class MobileFormerCheckpointer(DetectionCheckpointer):
     def __init__(self, model, save_dir="", *, variant=None, fine_tune=False, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
         self.variant, self.fine_tune = variant, fine_tune
+        self._file = ""  # the file being loaded, for the messages
 
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
@@ -278,9 +279,9 @@ class MobileFormerCheckpointer(DetectionCheckpointer):
             if keys:
                 problems.append(f"{len(keys)} {label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
         raise ValueError(
-            f"the checkpoint {getattr(self, '_file', '')!r} does not fit the model the config builds; " + "; ".join(problems) + ". Use the config "
-            "the checkpoint was trained with (its output folder's config.yaml), or set the keys it differs in "
-            "(e.g. MODEL.MF_DETR.NUM_CLASSES, DEC_LAYERS, HIDDEN_DIM) to the checkpoint's values")
+            f"the checkpoint {self._file!r} does not fit the model the config builds; {'; '.join(problems)}. Use the "
+            f"config the checkpoint was trained with (its output folder's config.yaml), or set the keys it differs "
+            f"in (e.g. MODEL.MF_DETR.NUM_CLASSES, DEC_LAYERS, HIDDEN_DIM) to the checkpoint's values")
 
 
 def remove_stale_temporaries(folder):

@@ -97,9 +97,9 @@ def prepare(folder):
             print(f"error: the wheels do not install for Python 3.12: {got.stderr[-2000:]}", file=sys.stderr)
             return 1
     size = sum(os.path.getsize(os.path.join(folder, w)) for w in wheels) / 2 ** 20
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True).stdout.split(b"\0")
-    tree = sum(os.path.getsize(os.path.join(ROOT, f.decode())) for f in tracked if f and os.path.isfile(os.path.join(ROOT, f.decode())))
-    tree /= 2 ** 20
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True).stdout.split("\0")
+    paths = [os.path.join(ROOT, f) for f in tracked if f]
+    tree = sum(os.path.getsize(p) for p in paths if os.path.isfile(p)) / 2 ** 20
     print(f"{len(wheels)} wheels in {folder}: {size:.1f} MiB; with the tracked working tree ({tree:.1f} MiB): "
           f"{size + tree:.1f} MiB of the {TRAVEL_LIMIT_MIB} MiB that travel to the GPU machine")
     for w in wheels:
@@ -108,7 +108,8 @@ def prepare(folder):
 
 
 def _imports_missing(env):
-    probe = "import importlib, sys\nfor m in sys.argv[1:]:\n    try: importlib.import_module(m)\n    except Exception: print(m)"
+    probe = ("import importlib, sys\n"
+             "for m in sys.argv[1:]:\n    try: importlib.import_module(m)\n    except Exception: print(m)")
     out = subprocess.run([sys.executable, "-c", probe, *IMPORTS], capture_output=True, text=True, env=env)
     return out.stdout.split()
 
@@ -237,7 +238,8 @@ def _install(out, env, log):
         log.write(f"missing {missing} and no wheels in {WHEELHOUSE}: run tools/gpu_check.py --prepare first\n")
         return f"FAILED (no wheelhouse; missing {', '.join(missing)})"
     site = os.path.join(out, "site")
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--target", site, *wheels]
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--target", site,
+           *wheels]
     log.write("+ " + " ".join(cmd) + "\n")
     log.flush()
     code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
