@@ -268,3 +268,27 @@ def test_mapper_crops_polygon_annotations_as_boxes(tmp_path):
             boxes = inst.gt_boxes.tensor
             assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
             assert len(inst) <= sum(1 for a in record["annotations"] if not a["iscrowd"])
+
+
+def test_invalid_boxes_are_dropped_by_reason_and_valid_ones_kept(caplog):
+    from detectron2.structures import BoxMode
+
+    from mobileformer_det.data import drop_invalid_boxes
+
+    def ann(box, mode=BoxMode.XYWH_ABS, crowd=0):
+        return {"bbox": box, "bbox_mode": mode, "category_id": 0, "iscrowd": crowd}
+
+    good = [ann([10, 10, 20, 20]), ann(np.array([5.0, 5, 30, 40])), ann([90, 70, 30, 30]),   # the last partly outside
+            ann([10, 10, 50, 60], BoxMode.XYXY_ABS), ann([-5, -5, 1, 1], crowd=1)]            # crowd: left to the mapper
+    bad = [ann([10, 10, -5, 5]), ann([60, 10, 50, 60], BoxMode.XYXY_ABS), ann([float("nan"), 1, 2, 3]),
+           ann([1, 2, 3]), ann([200, 10, 5, 5]), ann([0, 0, 1e30, 5]), ann([3, 3, 0, 4])]
+    records = [{"file_name": "a.png", "height": 80, "width": 100, "annotations": good + bad},
+               {"file_name": "b.png", "height": 80, "width": 100, "annotations": []}]
+    with caplog.at_level(logging.WARNING):
+        cleaned, dropped = drop_invalid_boxes(records, ["mine"])
+    assert dropped == 7 and cleaned[0]["annotations"] == good and cleaned[1] is records[1]
+    assert len(records[0]["annotations"]) == 12                                          # the input is left as it was
+    assert "dropped 7 of its 12 boxes as invalid: 2 negative width or height" in caplog.text
+    for reason in ("1 NaN or infinite coordinate", "1 not 4 numbers", "1 outside the image",
+                   "1 more than the image's size beyond its border", "1 zero width or height"):
+        assert reason in caplog.text

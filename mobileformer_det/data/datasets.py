@@ -150,9 +150,7 @@ def check_training_boxes(dataset_dicts, names, dropped=0):
 
 def _box_problem(box, mode, height, width):
     """Why a box cannot be trained on (None when it can): its reason in :func:`drop_invalid_boxes`'s log."""
-    if not isinstance(box, (list, tuple)) or len(box) != 4:
-        return "not 4 numbers"
-    try:
+    try:  # a list, a tuple or an array
         x0, y0, a, b = (float(v) for v in box)
     except (TypeError, ValueError):
         return "not 4 numbers"
