@@ -281,7 +281,7 @@ class MobileFormerCheckpointer(DetectionCheckpointer):
         raise ValueError(
             f"the checkpoint {self._file!r} does not fit the model the config builds; {'; '.join(problems)}. Use the "
             f"config the checkpoint was trained with (its output folder's config.yaml), or set the keys it differs "
-            f"in (e.g. MODEL.MF_DETR.NUM_CLASSES, DEC_LAYERS, HIDDEN_DIM) to the checkpoint's values")
+            f"in (e.g. MODEL.MF_DETR.NUM_CLASSES, DECODER.NUM_LAYERS, HIDDEN_DIM) to the checkpoint's values")
 
 
 def remove_stale_temporaries(folder):

@@ -7,7 +7,23 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.utils import comm
 
-__all__ = ["add_mobileformer_config", "setup_cfg"]
+__all__ = ["RENAMED_KEYS", "add_mobileformer_config", "setup_cfg"]
+
+# Old flat MODEL.MF_DETR keys -> their keys in the sub-nodes (version 0.1.0 to 0.2.0).
+RENAMED_KEYS = {f"MODEL.MF_DETR.{old}": f"MODEL.MF_DETR.{new}" for old, new in {
+    "DEC_LAYERS": "DECODER.NUM_LAYERS", "DIM_FEEDFORWARD": "DECODER.DIM_FEEDFORWARD", "NHEADS": "DECODER.NHEADS",
+    "NUM_POINTS": "DECODER.NUM_POINTS", "DROPOUT": "DECODER.DROPOUT", "AUX_LOSS": "DECODER.AUX_LOSS",
+    "LOOK_FORWARD_TWICE": "DECODER.LOOK_FORWARD_TWICE",
+    "TWO_STAGE": "PROPOSALS.TWO_STAGE", "PROPOSAL_ASSIGN": "PROPOSALS.ASSIGN", "PROPOSAL_NMS_THRESH": "PROPOSALS.NMS_THRESH",
+    "DN_NUMBER": "DENOISING.NUM_QUERIES", "DN_LABEL_NOISE": "DENOISING.LABEL_NOISE",
+    "DN_BOX_NOISE": "DENOISING.BOX_NOISE", "DN_NEGATIVES": "DENOISING.NEGATIVES",
+    "NUM_QUERIES_ONE2MANY": "ONE2MANY.NUM_QUERIES", "ONE2MANY_REPEATS": "ONE2MANY.REPEATS",
+    "COST_CLASS": "MATCHER.COST_CLASS", "COST_BBOX": "MATCHER.COST_BBOX", "COST_GIOU": "MATCHER.COST_GIOU",
+    "CLASS_LOSS": "LOSS.CLASS_TYPE", "CLASS_WEIGHT": "LOSS.CLASS_WEIGHT", "BBOX_WEIGHT": "LOSS.BBOX_WEIGHT",
+    "GIOU_WEIGHT": "LOSS.GIOU_WEIGHT", "FOCAL_ALPHA": "LOSS.FOCAL_ALPHA", "FOCAL_GAMMA": "LOSS.FOCAL_GAMMA",
+    "VFL_ALPHA": "LOSS.VFL_ALPHA",
+    "TEST_TOPK": "TEST.TOPK", "TEST_SCORE_THRESH": "TEST.SCORE_THRESH", "TEST_NMS_THRESH": "TEST.NMS_THRESH",
+}.items()}
 
 
 def add_mobileformer_config(cfg):
@@ -30,65 +46,86 @@ def add_mobileformer_config(cfg):
     cfg.MODEL.MF_DETR.NUM_CLASSES = 80
     # Object queries.
     cfg.MODEL.MF_DETR.NUM_QUERIES = 100
-    # Decoder width, FFN width, attention heads.
+    # Width of the memory, the queries and the global tokens' projection.
     cfg.MODEL.MF_DETR.HIDDEN_DIM = 256
-    cfg.MODEL.MF_DETR.DIM_FEEDFORWARD = 1024
-    cfg.MODEL.MF_DETR.NHEADS = 8
-    cfg.MODEL.MF_DETR.DEC_LAYERS = 6
-    # Deformable encoder layers over the maps; 0 = no encoder.
-    cfg.MODEL.MF_DETR.ENC_LAYERS = 0
-    # Sampling points per head and level of the deformable attention.
-    cfg.MODEL.MF_DETR.NUM_POINTS = 4
     # Levels seen by the decoder: the OUT_FEATURES maps, plus stride-2 convs for the rest.
     cfg.MODEL.MF_DETR.NUM_FEATURE_LEVELS = 3
-    cfg.MODEL.MF_DETR.DROPOUT = 0.0
-    # Initial reference boxes from the top-scoring map positions (two-stage) instead of learned ones.
-    cfg.MODEL.MF_DETR.TWO_STAGE = True
-    # Denoising queries per image during training (about; 0 = off), label flip probability, box noise.
-    cfg.MODEL.MF_DETR.DN_NUMBER = 100
-    cfg.MODEL.MF_DETR.DN_LABEL_NOISE = 0.2
-    cfg.MODEL.MF_DETR.DN_BOX_NOISE = 0.4
     # Let queries attend to Mobile-Former's global tokens. False builds the decoder layers without
     # that sub-layer (and the backbone without its final Mobile->Former): the ablation.
     cfg.MODEL.MF_DETR.USE_TOKENS = True
-    # Ways to converge faster (README, "What speeds up learning"); all off by default.
-    # DINO's contrastive denoising: each denoising group also holds negative copies (noise between
-    # DN_BOX_NOISE and twice that) with a "no object" target.
-    cfg.MODEL.MF_DETR.DN_NEGATIVES = False
-    # DINO's look-forward-twice box refinement (a layer's boxes keep the previous layer's gradient).
-    cfg.MODEL.MF_DETR.LOOK_FORWARD_TWICE = False
-    # "focal" or "varifocal" (IoU-aware class targets, RT-DETR; VFL_ALPHA weighs the negatives).
-    cfg.MODEL.MF_DETR.CLASS_LOSS = "focal"
-    cfg.MODEL.MF_DETR.VFL_ALPHA = 0.75
-    # H-DETR's hybrid matching: extra training-only queries matched one-to-many (to the targets
-    # repeated ONE2MANY_REPEATS times); 0 = off. Inference is unchanged.
-    cfg.MODEL.MF_DETR.NUM_QUERIES_ONE2MANY = 0
-    # How the two-stage proposals are trained: "hungarian" (DINO: the chosen ones matched one-to-one)
-    # or "anchor_iou" (DETA: every position's anchor box assigned by IoU as in an RPN, at most 4
-    # positives per object, so every position's score learns from every image).
-    cfg.MODEL.MF_DETR.PROPOSAL_ASSIGN = "hungarian"
-    # Skip proposals that overlap a higher-scoring one by more than this IoU (Fast NMS over the best
-    # 4 x NUM_QUERIES positions, training and inference; DETA's partner of "anchor_iou"); 0 = off.
-    cfg.MODEL.MF_DETR.PROPOSAL_NMS_THRESH = 0.0
-    cfg.MODEL.MF_DETR.ONE2MANY_REPEATS = 6
+    # Deformable encoder layers over the maps (with the decoder's FFN width, heads, points and
+    # dropout); 0 = no encoder, which lets inference fold the neck into the decoder.
+    cfg.MODEL.MF_DETR.ENC_LAYERS = 0
+
+    cfg.MODEL.MF_DETR.DECODER = CN()
+    cfg.MODEL.MF_DETR.DECODER.NUM_LAYERS = 6
+    cfg.MODEL.MF_DETR.DECODER.DIM_FEEDFORWARD = 1024
+    cfg.MODEL.MF_DETR.DECODER.NHEADS = 8
+    # Sampling points per head and level of the deformable attention.
+    cfg.MODEL.MF_DETR.DECODER.NUM_POINTS = 4
+    cfg.MODEL.MF_DETR.DECODER.DROPOUT = 0.0
     # Class and box heads, box refinement and losses on every decoder layer; False: on the last only
     # (the two-stage proposals keep their loss either way).
-    cfg.MODEL.MF_DETR.AUX_LOSS = True
-    # Loss weights and matching costs (focal class / L1 / GIoU).
-    cfg.MODEL.MF_DETR.CLASS_WEIGHT = 2.0
-    cfg.MODEL.MF_DETR.BBOX_WEIGHT = 5.0
-    cfg.MODEL.MF_DETR.GIOU_WEIGHT = 2.0
-    cfg.MODEL.MF_DETR.COST_CLASS = 2.0
-    cfg.MODEL.MF_DETR.COST_BBOX = 5.0
-    cfg.MODEL.MF_DETR.COST_GIOU = 2.0
-    cfg.MODEL.MF_DETR.FOCAL_ALPHA = 0.25
-    cfg.MODEL.MF_DETR.FOCAL_GAMMA = 2.0
+    cfg.MODEL.MF_DETR.DECODER.AUX_LOSS = True
+    # DINO's look-forward-twice box refinement (a layer's boxes keep the previous layer's gradient).
+    cfg.MODEL.MF_DETR.DECODER.LOOK_FORWARD_TWICE = False
+
+    # The two-stage proposals: the decoder's initial reference boxes.
+    cfg.MODEL.MF_DETR.PROPOSALS = CN()
+    # From the top-scoring map positions (two-stage) instead of learned ones.
+    cfg.MODEL.MF_DETR.PROPOSALS.TWO_STAGE = True
+    # How they are trained: "hungarian" (DINO: the chosen ones matched one-to-one) or "anchor_iou"
+    # (DETA: every position's anchor box assigned by IoU as in an RPN, at most 4 positives per
+    # object, so every position's score learns from every image).
+    cfg.MODEL.MF_DETR.PROPOSALS.ASSIGN = "hungarian"
+    # Skip proposals that overlap a higher-scoring one by more than this IoU (Fast NMS over the best
+    # 4 x NUM_QUERIES positions, training and inference; DETA's partner of "anchor_iou"); 0 = off.
+    cfg.MODEL.MF_DETR.PROPOSALS.NMS_THRESH = 0.0
+
+    # Denoising queries (DN-DETR, DINO), training only.
+    cfg.MODEL.MF_DETR.DENOISING = CN()
+    # Denoising queries per image (about; 0 = off), label flip probability, box noise.
+    cfg.MODEL.MF_DETR.DENOISING.NUM_QUERIES = 100
+    cfg.MODEL.MF_DETR.DENOISING.LABEL_NOISE = 0.2
+    cfg.MODEL.MF_DETR.DENOISING.BOX_NOISE = 0.4
+    # DINO's contrastive denoising: each group also holds negative copies (noise between BOX_NOISE
+    # and twice that) with a "no object" target.
+    cfg.MODEL.MF_DETR.DENOISING.NEGATIVES = False
+
+    # H-DETR's hybrid matching: extra training-only queries matched one-to-many (to the targets
+    # repeated REPEATS times); 0 = off. Inference is unchanged.
+    cfg.MODEL.MF_DETR.ONE2MANY = CN()
+    cfg.MODEL.MF_DETR.ONE2MANY.NUM_QUERIES = 0
+    cfg.MODEL.MF_DETR.ONE2MANY.REPEATS = 6
+
+    # Matching costs of the Hungarian matcher (focal class / L1 / GIoU; the focal cost takes
+    # LOSS.FOCAL_ALPHA and FOCAL_GAMMA).
+    cfg.MODEL.MF_DETR.MATCHER = CN()
+    cfg.MODEL.MF_DETR.MATCHER.COST_CLASS = 2.0
+    cfg.MODEL.MF_DETR.MATCHER.COST_BBOX = 5.0
+    cfg.MODEL.MF_DETR.MATCHER.COST_GIOU = 2.0
+
+    cfg.MODEL.MF_DETR.LOSS = CN()
+    # "focal" or "varifocal" (IoU-aware class targets, RT-DETR; VFL_ALPHA weighs the negatives).
+    cfg.MODEL.MF_DETR.LOSS.CLASS_TYPE = "focal"
+    cfg.MODEL.MF_DETR.LOSS.CLASS_WEIGHT = 2.0
+    cfg.MODEL.MF_DETR.LOSS.BBOX_WEIGHT = 5.0
+    cfg.MODEL.MF_DETR.LOSS.GIOU_WEIGHT = 2.0
+    cfg.MODEL.MF_DETR.LOSS.FOCAL_ALPHA = 0.25
+    cfg.MODEL.MF_DETR.LOSS.FOCAL_GAMMA = 2.0
+    cfg.MODEL.MF_DETR.LOSS.VFL_ALPHA = 0.75
+
+    cfg.MODEL.MF_DETR.TEST = CN()
     # Detections kept per image (top-k over queries x classes) and their minimum score.
-    cfg.MODEL.MF_DETR.TEST_TOPK = 100
-    cfg.MODEL.MF_DETR.TEST_SCORE_THRESH = 0.0
+    cfg.MODEL.MF_DETR.TEST.TOPK = 100
+    cfg.MODEL.MF_DETR.TEST.SCORE_THRESH = 0.0
     # Class-wise NMS on those detections at this IoU; 0 = off (DETR's set prediction needs none once
     # trained to the end; a briefly trained decoder still emits duplicates).
-    cfg.MODEL.MF_DETR.TEST_NMS_THRESH = 0.0
+    cfg.MODEL.MF_DETR.TEST.NMS_THRESH = 0.0
+
+    # The flat keys of earlier versions: merging one stops with an error naming its new key.
+    for old, new in RENAMED_KEYS.items():
+        cfg.register_renamed_key(old, new)
 
     # "ADAMW" (default) or "SGD".
     cfg.SOLVER.OPTIMIZER = "ADAMW"

@@ -17,12 +17,10 @@ import numpy as np
 import torch
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
 from torch import nn
 
 from .checkpoint import MobileFormerCheckpointer
-from .modeling.detr.mf_detr import suppress_duplicates, top_detections
-from .modeling.inference import prepare_for_inference
+from .modeling.detr.postprocess import PostProcess
 
 __all__ = ["TensorDetector", "export_onnx", "graph_runner", "Predictor", "RUNTIMES"]
 
@@ -32,13 +30,14 @@ RUNTIMES = ("torch", "compile", "onnxruntime", "openvino")
 
 
 class TensorDetector(nn.Module):
-    """MF-DETR from an image tensor to its top-k detections, with no Python post-processing.
+    """MF-DETR from an image tensor to its top-k detections: :meth:`MFDETR.predict` and the tensor
+    step of its post-processing (``PostProcess.forward``), what the exported graph computes.
 
     ``forward(images [N, 3, H, W] float32 RGB 0-255)`` returns ``boxes [N, K, 4]`` (xyxy in input
     pixels, clipped to the image), ``scores [N, K]`` (descending) and ``labels [N, K]`` (int64,
-    contiguous class index), K = ``MODEL.MF_DETR.TEST_TOPK``. No image is padded: no mask is built.
-    ``MODEL.MF_DETR.TEST_NMS_THRESH``'s suppression is left to the caller (:class:`Predictor` applies it),
-    so that the graph keeps fixed output shapes.
+    contiguous class index), K = ``MODEL.MF_DETR.TEST.TOPK``. No image is padded: no mask is built.
+    The score threshold and NMS (``PostProcess.select``) are left to the caller
+    (:class:`Predictor` applies them), so that the graph keeps fixed output shapes.
     """
 
     def __init__(self, model):
@@ -47,21 +46,17 @@ class TensorDetector(nn.Module):
 
     def forward(self, images):
         m = self.model
-        x = (images - m.pixel_mean) / m.pixel_std
-        outputs, _ = m.transformer(**m.encode(x, None))
-        scores, labels, boxes = top_detections(*outputs[-1], m.test_topk)
-        h, w = images.shape[-2:]
-        boxes = boxes * torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
-        bound = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
-        return torch.minimum(boxes.clamp(min=0), bound), scores, labels
+        logits, boxes = m.predict(m.normalize(images))
+        sizes = torch.tensor([images.shape[-2:]], dtype=torch.float32, device=images.device).expand(images.shape[0], 2)
+        return m.postprocess(logits, boxes, sizes)
 
 
 def load_model(cfg):
     """Build the detector of ``cfg``, load ``MODEL.WEIGHTS`` (variant checked) and prepare it for
-    inference (batch norm folded; channels-last backbone)."""
+    inference (``MFDETR.deploy``: batch norm and neck folded; channels-last backbone)."""
     model = build_model(cfg)
     MobileFormerCheckpointer(model, variant=cfg.MODEL.MOBILEFORMER.VARIANT).load(cfg.MODEL.WEIGHTS)
-    return prepare_for_inference(model)
+    return model.deploy()
 
 
 def export_onnx(model, path, height, width, dynamic_batch=False, opset=17):
@@ -70,14 +65,12 @@ def export_onnx(model, path, height, width, dynamic_batch=False, opset=17):
     The graph's metadata records the detector's class count (``mfdet.num_classes``), which
     :class:`Predictor` checks against its config.
 
-    ``model`` is an MF-DETR in eval mode; its backbone is put back to contiguous memory (channels
-    last would only add transposes to the graph).
+    ``model`` is an MF-DETR, plain or deployed: it is deployed here (``MFDETR.deploy``) with its
+    backbone in contiguous memory (channels last would only add transposes to the graph).
     """
     import onnx
 
-    model.eval()
-    model.backbone.to(memory_format=torch.contiguous_format)
-    model.backbone.memory_format = torch.contiguous_format
+    model.deploy(channels_last=False)
     example = torch.zeros(1, 3, height, width, device=model.device)
     axes = {name: {0: "batch"} for name in ("images", "boxes", "scores", "labels")} if dynamic_batch else None
     with torch.no_grad():
@@ -151,10 +144,10 @@ def check_graph_classes(path, num_classes):
 
 class Predictor:
     """Run MF-DETR on RGB images with one of :data:`RUNTIMES`; returns ``Instances`` (``pred_boxes``
-    in the image's pixels, ``scores``, ``pred_classes``) above ``MODEL.MF_DETR.TEST_SCORE_THRESH``,
-    after ``MODEL.MF_DETR.TEST_NMS_THRESH``'s suppression (:func:`suppress_duplicates`).
+    in the image's pixels, ``scores``, ``pred_classes``), post-processed by the model's own
+    ``PostProcess`` (``MODEL.MF_DETR.TEST``: top-k, score threshold, NMS) whichever the runtime.
 
-    - ``torch``: the Detectron2 model (batch norm folded, channels-last backbone), any image size,
+    - ``torch``: the Detectron2 model (``MFDETR.deploy``: batch norm and neck folded, channels-last backbone), any image size,
       Detectron2's test-time resize (``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST``).
     - ``compile``: :class:`TensorDetector` under ``torch.compile`` at ``input_size``.
     - ``onnxruntime``, ``openvino``: the graph at ``onnx_path`` (written by :func:`export_onnx`),
@@ -166,8 +159,8 @@ class Predictor:
     def __init__(self, cfg, runtime="torch", onnx_path=None, input_size=None, threads=None):
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-        self.runtime, self.score_thresh = runtime, cfg.MODEL.MF_DETR.TEST_SCORE_THRESH
-        self.nms_thresh = cfg.MODEL.MF_DETR.TEST_NMS_THRESH
+        self.runtime = runtime
+        self.postprocess = PostProcess.from_config(cfg)  # the graph's second step (the model has its own)
         self.fill = tuple(cfg.MODEL.PIXEL_MEAN)  # letterbox colour: zero after normalisation
         self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
         self.device = torch.device(cfg.MODEL.DEVICE)
@@ -213,14 +206,8 @@ class Predictor:
             with torch.no_grad():
                 return self.model([inputs])[0]["instances"].to("cpu")
         batch, scale = letterbox(rgb, self.input_size, self.fill)
-        boxes, scores, labels = self._run(batch)
-        keep = scores[0] > self.score_thresh
-        result = Instances((height, width))
-        result.pred_boxes = Boxes(torch.from_numpy(boxes[0][keep] / scale).float())
-        result.pred_boxes.clip((height, width))
-        result.scores = torch.from_numpy(scores[0][keep]).float()
-        result.pred_classes = torch.from_numpy(labels[0][keep]).long()
-        return suppress_duplicates(result, self.nms_thresh)
+        boxes, scores, labels = (torch.as_tensor(np.asarray(t)[0]) for t in self._run(batch))
+        return self.postprocess.select((boxes / scale).float(), scores.float(), labels.long(), (height, width))
 
 
 def letterbox(rgb, size, fill):

@@ -60,7 +60,7 @@ def test_coco_recipe_trains_and_evaluates(coco_like, tmp_path, processes):
     from detectron2.config import CfgNode
 
     used = CfgNode.load_yaml_with_base(str(tmp_path / "config.yaml"))
-    assert used["MODEL"]["MOBILEFORMER"]["NORM"] == "FrozenBN" and used["MODEL"]["MF_DETR"]["DN_NUMBER"] > 0
+    assert used["MODEL"]["MOBILEFORMER"]["NORM"] == "FrozenBN" and used["MODEL"]["MF_DETR"]["DENOISING"]["NUM_QUERIES"] > 0
     assert used["INPUT"]["DETR_CROP"]["ENABLED"] and used["DATALOADER"]["FILTER_EMPTY_ANNOTATIONS"] is False
 
 

@@ -12,7 +12,8 @@ from torchvision.ops import box_convert, box_iou
 
 from helpers import image_input, make_instances, toy_cfg
 from mobileformer_det.modeling.detr import HungarianMatcher, SetCriterion
-from mobileformer_det.modeling.detr.assigner import AnchorAssigner, fast_nms_order
+from mobileformer_det.modeling.detr.assigner import AnchorAssigner
+from mobileformer_det.modeling.detr.query_selection import fast_nms_order
 from mobileformer_det.modeling.detr.criterion import varifocal_loss
 from mobileformer_det.modeling.detr.denoising import build_denoising_queries
 
@@ -50,12 +51,13 @@ def test_without_tokens_the_token_sublayer_does_not_exist():
 
 def test_look_forward_twice_keeps_the_boxes_and_trains_the_previous_head_by_the_next_loss():
     torch.manual_seed(0)
-    plain = build_model(toy_cfg("MODEL.MF_DETR.DN_NUMBER", 0)).train()
-    lft = build_model(toy_cfg("MODEL.MF_DETR.DN_NUMBER", 0, "MODEL.MF_DETR.LOOK_FORWARD_TWICE", True)).train()
+    plain = build_model(toy_cfg("MODEL.MF_DETR.DENOISING.NUM_QUERIES", 0)).train()
+    lft = build_model(toy_cfg("MODEL.MF_DETR.DENOISING.NUM_QUERIES", 0, "MODEL.MF_DETR.DECODER.LOOK_FORWARD_TWICE", True)).train()
     lft.load_state_dict(plain.state_dict())
     gradients = []
     for model in (plain, lft):
-        encoded = model.encode_images(model.preprocess_image(training_batch()))
+        images = model.preprocess_image(training_batch())
+        encoded = model.encode(images.tensor, model.padded_sizes(images))
         outputs, _ = model.transformer(**encoded)
         # the last layer's boxes only: does the gradient reach layer 0's box head?
         outputs[-1][1].sum().backward()
@@ -139,7 +141,7 @@ def test_contrastive_denoising_adds_negatives_with_no_object_targets():
 
 def test_one_to_many_queries_are_training_only_and_invisible_to_the_one_to_one_queries():
     torch.manual_seed(0)
-    model = build_model(toy_cfg("MODEL.MF_DETR.NUM_QUERIES_ONE2MANY", 40, "MODEL.MF_DETR.ONE2MANY_REPEATS", 3)).train()
+    model = build_model(toy_cfg("MODEL.MF_DETR.ONE2MANY.NUM_QUERIES", 40, "MODEL.MF_DETR.ONE2MANY.REPEATS", 3)).train()
     transformer = model.transformer
     losses = model(training_batch())
     assert {"loss_class_o2m", "loss_bbox_o2m", "loss_giou_o2m", "loss_class_o2m_0"} <= set(losses)
@@ -148,7 +150,8 @@ def test_one_to_many_queries_are_training_only_and_invisible_to_the_one_to_one_q
 
     targets = model.prepare_targets([x["instances"] for x in training_batch()], [(64, 96), (80, 72)])
     with torch.no_grad():
-        encoded = model.encode_images(model.preprocess_image(training_batch()))
+        images = model.preprocess_image(training_batch())
+        encoded = model.encode(images.tensor, model.padded_sizes(images))
         dn = build_denoising_queries(targets, 4, 30, 0.0, 0.4, 30 + 40, transformer.label_embed)
         outputs, _ = transformer(**encoded, denoising=dn)
         d = dn["query"].shape[1]
@@ -163,7 +166,8 @@ def test_one_to_many_queries_are_training_only_and_invisible_to_the_one_to_one_q
 
     model.eval()
     with torch.no_grad():
-        encoded = model.encode_images(model.preprocess_image([image_input(2, 64, 96)]))
+        images = model.preprocess_image([image_input(2, 64, 96)])
+        encoded = model.encode(images.tensor, model.padded_sizes(images))
         outputs, enc = transformer(**encoded)
     assert outputs[-1][0].shape[1] == 30 and enc["pred_logits"].shape[1] == 30
 
@@ -249,7 +253,7 @@ def test_dense_assignment_and_proposal_nms_train_and_choose_apart():
     """Every parameter gets a gradient (DDP), an image without boxes trains, and the chosen proposals
     overlap by at most the threshold while enough candidates survive."""
     torch.manual_seed(0)
-    opts = ["MODEL.MF_DETR.PROPOSAL_ASSIGN", "anchor_iou", "MODEL.MF_DETR.PROPOSAL_NMS_THRESH", 0.3]
+    opts = ["MODEL.MF_DETR.PROPOSALS.ASSIGN", "anchor_iou", "MODEL.MF_DETR.PROPOSALS.NMS_THRESH", 0.3]
     model = build_model(toy_cfg(*opts)).train()
     losses = model(training_batch())
     assert {"loss_class_enc", "loss_bbox_enc", "loss_giou_enc"} <= set(losses)
@@ -268,9 +272,9 @@ def test_dense_assignment_and_proposal_nms_train_and_choose_apart():
     iou = torch.triu(box_iou(xyxy, xyxy), diagonal=1)
     assert iou.max() <= 0.3
     with pytest.raises(ValueError, match="PROPOSAL_ASSIGN"):
-        build_model(toy_cfg("MODEL.MF_DETR.PROPOSAL_ASSIGN", "atss"))
+        build_model(toy_cfg("MODEL.MF_DETR.PROPOSALS.ASSIGN", "atss"))
     with pytest.raises(ValueError, match="TWO_STAGE"):
-        build_model(toy_cfg("MODEL.MF_DETR.PROPOSAL_ASSIGN", "anchor_iou", "MODEL.MF_DETR.TWO_STAGE", False))
+        build_model(toy_cfg("MODEL.MF_DETR.PROPOSALS.ASSIGN", "anchor_iou", "MODEL.MF_DETR.PROPOSALS.TWO_STAGE", False))
 
 
 def test_crowd_dataset_is_deterministic_crowded_and_registered(tmp_path):

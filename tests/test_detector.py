@@ -12,6 +12,7 @@ from helpers import image_input, make_instances, toy_cfg
 from mobileformer_det.modeling import VARIANTS, MFDETR
 from mobileformer_det.modeling.detr import HungarianMatcher, SetCriterion
 from mobileformer_det.modeling.detr.matcher import focal_class_cost
+from mobileformer_det.modeling.detr.postprocess import PostProcess
 
 
 def random_targets(g, num_boxes, num_classes):
@@ -90,12 +91,17 @@ def test_prepare_targets_normalises_to_cxcywh():
     assert target["labels"].tolist() == [2]
 
 
-def test_inference_and_postprocess_coordinates_on_a_resized_non_square_image():
-    model = build_model(toy_cfg("MODEL.MF_DETR.TEST_TOPK", 3)).eval()
+def _detections(postprocess, logits, boxes, size):
+    """The one image's detections, both steps of ``PostProcess``."""
+    tensors = postprocess(logits, boxes, torch.tensor([size], dtype=torch.float32))
+    return postprocess.select(*(t[0] for t in tensors), size)
+
+
+def test_postprocess_coordinates_on_a_resized_non_square_image():
     logits = torch.full((1, 4, 4), -10.0)
     logits[0, 1, 3] = 5.0
     boxes = torch.tensor([[[0.5, 0.5, 0.1, 0.1], [0.5, 0.5, 0.2, 0.4], [0.1, 0.1, 0.1, 0.1], [0.9, 0.9, 0.1, 0.1]]])
-    (result,) = model.inference(logits, boxes, [(100, 200)])                # input is 100 x 200 (h x w)
+    result = _detections(PostProcess(topk=3), logits, boxes, (100, 200))      # input is 100 x 200 (h x w)
     assert result.pred_classes[0].item() == 3 and len(result) == 3
     torch.testing.assert_close(result.pred_boxes.tensor[0], torch.tensor([80.0, 30.0, 120.0, 70.0]))
     resized = detector_postprocess(result, 250, 500)                        # original image 250 x 500
@@ -103,32 +109,40 @@ def test_inference_and_postprocess_coordinates_on_a_resized_non_square_image():
     assert resized.image_size == (250, 500)
 
 
+def test_postprocess_clips_to_the_valid_image_of_each_in_a_batch():
+    boxes = torch.tensor([[[0.9, 0.9, 0.4, 0.4]], [[0.9, 0.9, 0.4, 0.4]]])        # reaches past the border
+    out, _, _ = PostProcess(topk=1)(torch.zeros(2, 1, 1), boxes, torch.tensor([[100.0, 200.0], [50.0, 60.0]]))
+    torch.testing.assert_close(out[:, 0], torch.tensor([[140.0, 70.0, 200.0, 100.0], [42.0, 35.0, 60.0, 50.0]]))
+
+
 def test_score_threshold_drops_low_scores():
-    model = build_model(toy_cfg("MODEL.MF_DETR.TEST_SCORE_THRESH", 0.5)).eval()
     logits = torch.tensor([[[3.0, -3.0], [-3.0, -3.0]]])
-    model.num_classes = 2
-    (result,) = model.inference(logits, torch.full((1, 2, 4), 0.5), [(10, 10)])
+    result = _detections(PostProcess(score_thresh=0.5), logits, torch.full((1, 2, 4), 0.5), (10, 10))
     assert len(result) == 1 and result.scores[0] > 0.5
 
 
 @pytest.mark.parametrize("nms, classes", [(0.7, [0, 1, 0]), (0.0, [0, 0, 1, 0])])
 def test_nms_drops_only_overlapping_boxes_of_the_same_class(nms, classes):
-    """TEST_NMS_THRESH 0.7: a box of the same class at IoU 0.81 goes; the same box with another class
+    """TEST.NMS_THRESH 0.7: a box of the same class at IoU 0.81 goes; the same box with another class
     and a box of the same class at IoU 0.5 stay. 0 keeps all."""
-    model = build_model(toy_cfg("MODEL.MF_DETR.TEST_SCORE_THRESH", 0.5, "MODEL.MF_DETR.TEST_NMS_THRESH", nms)).eval()
-    model.num_classes = 2
     logits = torch.full((1, 4, 2), -10.0)
     logits[0, 0, 0], logits[0, 1, 0], logits[0, 2, 1], logits[0, 3, 0] = 4.0, 3.0, 2.0, 1.0
     boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.4], [0.5, 0.5, 0.36, 0.36], [0.5, 0.5, 0.4, 0.4], [0.5, 0.5, 0.2, 0.4]]])
-    (result,) = model.inference(logits, boxes, [(100, 100)])
+    result = _detections(PostProcess(score_thresh=0.5, nms_thresh=nms), logits, boxes, (100, 100))
     assert result.pred_classes.tolist() == classes
     expected = [4.0, 2.0, 1.0] if nms else [4.0, 3.0, 2.0, 1.0]
     torch.testing.assert_close(result.scores, torch.tensor(expected).sigmoid())
 
 
+def test_postprocess_is_built_from_the_test_keys():
+    model = build_model(toy_cfg("MODEL.MF_DETR.TEST.TOPK", 7, "MODEL.MF_DETR.TEST.SCORE_THRESH", 0.2,
+                                "MODEL.MF_DETR.TEST.NMS_THRESH", 0.6))
+    assert (model.postprocess.topk, model.postprocess.score_thresh, model.postprocess.nms_thresh) == (7, 0.2, 0.6)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_train_losses_for_every_variant(variant):
-    cfg = toy_cfg("MODEL.MOBILEFORMER.VARIANT", variant, "MODEL.MF_DETR.DEC_LAYERS", 2)
+    cfg = toy_cfg("MODEL.MOBILEFORMER.VARIANT", variant, "MODEL.MF_DETR.DECODER.NUM_LAYERS", 2)
     model = build_model(cfg).train()
     batch = [image_input(0, 96, 128, instances=make_instances([[10, 10, 40, 50], [60, 20, 120, 90]], [0, 3], (96, 128))),
              image_input(1, 80, 100, instances=make_instances([], [], (80, 100)))]   # no objects
@@ -140,7 +154,7 @@ def test_train_losses_for_every_variant(variant):
 
 
 def test_eval_on_an_image_without_objects_returns_instances():
-    model = build_model(toy_cfg("MODEL.MF_DETR.TEST_NMS_THRESH", 0.0)).eval()
+    model = build_model(toy_cfg("MODEL.MF_DETR.TEST.NMS_THRESH", 0.0)).eval()
     with torch.no_grad():
         (out,) = model([image_input(0, 64, 90, height=128, width=180)])
     inst = out["instances"]
@@ -206,13 +220,13 @@ def test_padding_slots_of_denoising_do_not_change_real_queries():
     from mobileformer_det.modeling.detr.denoising import build_denoising_queries
 
     torch.manual_seed(0)
-    model = build_model(toy_cfg("MODEL.MF_DETR.DEC_LAYERS", 2)).eval()
+    model = build_model(toy_cfg("MODEL.MF_DETR.DECODER.NUM_LAYERS", 2)).eval()
     images = model.preprocess_image([image_input(0, 64, 96), image_input(1, 64, 96)])
     targets = [{"labels": torch.tensor([1, 2, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4],
                                                                            [0.5, 0.5, 0.4, 0.4]])},
                {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
     with torch.no_grad():
-        encoded = model.encode_images(images)
+        encoded = model.encode(images.tensor, model.padded_sizes(images))
         dn = build_denoising_queries(targets, 4, 6, 0.0, 0.4, model.transformer.num_queries, model.transformer.label_embed)
         before, _ = model.transformer(**encoded, denoising=dn)
         padding = ~dn["valid"]
@@ -229,7 +243,7 @@ def test_padding_slots_of_denoising_do_not_change_real_queries():
 def test_a_batch_without_boxes_logs_the_same_losses():
     """Every worker must report the same loss names, and every parameter must take part (DDP)."""
     torch.manual_seed(0)
-    model = build_model(toy_cfg("MODEL.MF_DETR.DEC_LAYERS", 2)).train()
+    model = build_model(toy_cfg("MODEL.MF_DETR.DECODER.NUM_LAYERS", 2)).train()
     with_boxes = model([image_input(0, 64, 64, instances=make_instances([[5, 5, 30, 30]], [1], (64, 64)))])
     empty = model([image_input(1, 64, 64, instances=make_instances([], [], (64, 64)))])
     assert set(empty) == set(with_boxes)
@@ -248,7 +262,7 @@ def _padded_training_batch():
 def test_every_parameter_gets_a_gradient(aux_loss):
     """DistributedDataParallel (built without find_unused_parameters) needs every parameter in the graph."""
     torch.manual_seed(0)
-    model = build_model(toy_cfg("MODEL.MF_DETR.AUX_LOSS", aux_loss)).train()
+    model = build_model(toy_cfg("MODEL.MF_DETR.DECODER.AUX_LOSS", aux_loss)).train()
     losses = model(_padded_training_batch())
     assert ("loss_class_0" in losses) == aux_loss and "loss_class" in losses and "loss_class_enc" in losses
     assert len(model.transformer.class_heads) == (3 if aux_loss else 1)

@@ -44,17 +44,16 @@ def test_padding_does_not_change_detections_on_the_device(device, monkeypatch):
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_prepared_model_gives_the_plain_models_detections_on_the_device(device, monkeypatch):
-    """Batch norm and neck folded, channels-last backbone (prepare_for_inference) vs the model as trained,
+    """Batch norm and neck folded, channels-last backbone (``MFDETR.deploy``) vs the model as trained,
     to float rounding (TF32 convolutions off: they round both models apart by more)."""
-    from mobileformer_det.modeling.inference import prepare_for_inference
 
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
-    model = build_model(toy_cfg("MODEL.DEVICE", device, "MODEL.MF_DETR.TEST_NMS_THRESH", 0.0)).eval()
+    model = build_model(toy_cfg("MODEL.DEVICE", device, "MODEL.MF_DETR.TEST.NMS_THRESH", 0.0)).eval()
     with torch.no_grad():
         for p in model.parameters():      # away from the initial values, as a trained model's are
             p.add_(torch.randn_like(p) * 0.02)
-    prepared = prepare_for_inference(copy.deepcopy(model))
+    prepared = copy.deepcopy(model).deploy()
     inputs = [image_input(0, 96, 128), image_input(1, 128, 160)]
     with torch.no_grad():
         expected, got = model(inputs), prepared(inputs)
@@ -130,7 +129,7 @@ def test_amp_training_step_on_cuda_is_close_to_float32(variant):
     from mobileformer_det.engine import ClippingAMPTrainer, build_optimizer
 
     cfg = toy_cfg("MODEL.DEVICE", "cuda", "MODEL.MOBILEFORMER.VARIANT", variant, "MODEL.MOBILEFORMER.NORM", "FrozenBN",
-                  "MODEL.MOBILEFORMER.OUT_FEATURES", ["res3", "res4", "res5"], "MODEL.MF_DETR.DN_NUMBER", 20)
+                  "MODEL.MOBILEFORMER.OUT_FEATURES", ["res3", "res4", "res5"], "MODEL.MF_DETR.DENOISING.NUM_QUERIES", 20)
     torch.manual_seed(0)
     model = build_model(cfg).train()
     batch = _batch()
@@ -162,10 +161,9 @@ def test_amp_training_step_on_cuda_is_close_to_float32(variant):
 @skip_without_cuda
 def test_compiled_tensor_detector_equals_eager_on_cuda():
     from mobileformer_det.deploy import TensorDetector
-    from mobileformer_det.modeling.inference import prepare_for_inference
 
     torch.manual_seed(0)
-    model = prepare_for_inference(build_model(toy_cfg("MODEL.DEVICE", "cuda")).eval())
+    model = build_model(toy_cfg("MODEL.DEVICE", "cuda")).deploy()
     detector = TensorDetector(model)
     images = torch.randint(0, 256, (2, 3, 128, 160), device="cuda").float()
     with torch.no_grad():
@@ -182,10 +180,9 @@ def test_onnxruntime_cuda_provider_equals_pytorch(tmp_path):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip(f"this onnxruntime has no CUDA provider ({ort.get_available_providers()})")
     from mobileformer_det.deploy import TensorDetector, export_onnx
-    from mobileformer_det.modeling.inference import prepare_for_inference
 
     torch.manual_seed(0)
-    model = prepare_for_inference(build_model(toy_cfg()).eval(), channels_last=False)
+    model = build_model(toy_cfg()).deploy(channels_last=False)
     path = export_onnx(model, str(tmp_path / "toy.onnx"), 128, 160)
     images = torch.randint(0, 256, (1, 3, 128, 160)).float()
     with torch.no_grad():

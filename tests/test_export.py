@@ -15,7 +15,6 @@ from PIL import Image
 
 from helpers import ROOT, toy_cfg
 from mobileformer_det.deploy import Predictor, TensorDetector, letterbox
-from mobileformer_det.modeling.inference import prepare_for_inference
 
 TOY_CONFIG = os.path.join(ROOT, "configs", "mf_detr_toy.yaml")
 TOY_ROOT = os.path.join(ROOT, "datasets", "toy_coco")
@@ -24,7 +23,7 @@ TOY_ROOT = os.path.join(ROOT, "datasets", "toy_coco")
 AT_GRAPH_SIZE = ("INPUT.MIN_SIZE_TEST", 128, "INPUT.MAX_SIZE_TEST", 160)
 # Comparisons of two computations of the network turn the recipe's NMS off: of two duplicates with
 # nearly equal scores, float rounding may keep either. The NMS itself is tested on its own.
-NO_NMS = ("MODEL.MF_DETR.TEST_NMS_THRESH", 0.0)
+NO_NMS = ("MODEL.MF_DETR.TEST.NMS_THRESH", 0.0)
 
 
 def _subset_files(overfit_toy):
@@ -50,7 +49,7 @@ def _with_batch_norm_statistics(model, seed=0):
 @pytest.mark.parametrize("variant", ["mf52", "mf26", "mf294"])
 def test_folded_batch_norm_and_channels_last_compute_the_same_maps(variant):
     model = _with_batch_norm_statistics(build_model(toy_cfg("MODEL.MOBILEFORMER.VARIANT", variant)).eval())
-    fast = prepare_for_inference(copy.deepcopy(model))
+    fast = copy.deepcopy(model).deploy()
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.backbone.modules())
     x = torch.randn(2, 3, 128, 160)
     for sizes in (None, torch.tensor([[128, 160], [100, 130]])):          # unpadded, and padded with masks
@@ -70,15 +69,14 @@ def test_folded_neck_gives_every_memory_reader_what_the_neck_gives_it(opts, fact
     """The value projections and the proposal projection of the factored memory equal those of the
     plain memory, level by level, with and without padding (factored lateral levels, lateral levels
     as wide as the memory, extra levels)."""
-    from mobileformer_det.modeling.inference import fold_neck
-
     torch.manual_seed(0)
     model = build_model(toy_cfg(*opts)).eval()
     with torch.no_grad():
         for p in model.neck.parameters():   # LayerNorm and biases away from their initial 1 and 0
             p.add_(torch.randn_like(p) * 0.3)
         model.level_embed.normal_()
-    folded = fold_neck(copy.deepcopy(model))
+    folded = copy.deepcopy(model)
+    folded.transformer.convert_to_deploy(folded.neck.convert_to_deploy(folded.level_embed))
     assert list(folded.neck.variance) == factored
     x = torch.randn(2, 3, 96, 128)
     readers = [lambda t: t.decoder[i].cross_attn.value_proj for i in range(len(model.transformer.decoder))]
@@ -86,21 +84,22 @@ def test_folded_neck_gives_every_memory_reader_what_the_neck_gives_it(opts, fact
     for sizes in (None, torch.tensor([[96, 128], [70, 100]])):
         with torch.no_grad():
             plain, factored = model.encode(x, sizes), folded.encode(x, sizes)
-            lengths = [h * w for h, w in plain["spatial_shapes"]]
-            assert [f.shape[2] for f in factored["memory"]] == lengths
+            shapes = plain["spatial_shapes"]
+            assert factored["spatial_shapes"] == shapes
+            assert [f.shape[2] for f in factored["memory"]] == [h * w for h, w in shapes]
             for reader in readers:
-                expected = reader(model.transformer)(plain["memory"]).split(lengths, 1)
-                maps = reader(folded.transformer)(factored["memory"])              # channels first
-                rows = reader(folded.transformer)(factored["memory"], rows=True)
-                for e, m, r in zip(expected, maps, rows):
-                    torch.testing.assert_close(m.transpose(1, 2), e, atol=1e-4, rtol=1e-4)
-                    torch.testing.assert_close(r, e, atol=1e-4, rtol=1e-4)
+                expected = reader(model.transformer)(plain["memory"], shapes)
+                maps = reader(folded.transformer)(factored["memory"], shapes)     # channels first
+                torch.testing.assert_close(reader(folded.transformer)(factored["memory"]),
+                                           reader(model.transformer)(plain["memory"]), atol=1e-4, rtol=1e-4)
+                for e, m in zip(expected, maps):
+                    torch.testing.assert_close(m, e, atol=1e-4, rtol=1e-4)
 
 
 def test_a_model_prepared_for_inference_refuses_to_train():
     from helpers import make_instances
 
-    model = prepare_for_inference(build_model(toy_cfg())).train()
+    model = build_model(toy_cfg()).deploy().train()
     batch = [{"image": torch.zeros(3, 64, 96, dtype=torch.uint8), "instances": make_instances([[4, 4, 40, 40]], [0], (64, 96))}]
     with pytest.raises(RuntimeError, match="prepared for inference"):
         model(batch)
@@ -113,8 +112,8 @@ def test_folded_neck_keeps_the_detections(overfit_toy):
 
     model = build_model(toy_cfg(*NO_NMS)).eval()
     DetectionCheckpointer(model).load(overfit_toy["weights"])
-    fast = prepare_for_inference(copy.deepcopy(model))
-    assert fast.factored_memory
+    fast = copy.deepcopy(model).deploy()
+    assert fast.deployed and fast.neck.variance is not None
     normalised = []
     hook = fast.neck.lateral[0][1].register_forward_hook(lambda *a: normalised.append(1))
     files = _subset_files(overfit_toy)
@@ -139,11 +138,11 @@ def test_two_stage_box_head_on_the_selected_positions_only(nms):
     """The box head runs on the Q chosen positions (and, with the proposal NMS, once before on its
     4 Q candidates), not on every position; the proposals' shapes stay the same."""
     torch.manual_seed(0)
-    model = build_model(toy_cfg("MODEL.MF_DETR.PROPOSAL_NMS_THRESH", nms)).eval()
+    model = build_model(toy_cfg("MODEL.MF_DETR.PROPOSALS.NMS_THRESH", nms)).eval()
     transformer = model.transformer
     with torch.no_grad():
         images = model.preprocess_image([{"image": torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)}])
-        encoded = model.encode_images(images)
+        encoded = model.encode(images.tensor, model.padded_sizes(images))
         _, proposals = transformer._select_queries(encoded["memory"], encoded["padding_mask"],
                                                    encoded["spatial_shapes"], encoded["valid_ratios"],
                                                    transformer.num_queries)
@@ -166,7 +165,7 @@ def test_tensor_detector_equals_the_detectron2_model(overfit_toy):
     with torch.no_grad():
         expected = model([{"image": image}])[0]["instances"]
         boxes, scores, labels = TensorDetector(model)(image[None].float())
-    keep = scores[0] > model.test_score_thresh
+    keep = scores[0] > model.postprocess.score_thresh
     torch.testing.assert_close(boxes[0][keep], expected.pred_boxes.tensor, atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(scores[0][keep], expected.scores)
     assert labels[0][keep].tolist() == expected.pred_classes.tolist()
@@ -234,7 +233,7 @@ def test_the_demo_applies_nms_after_the_graph(overfit_toy, exported_toy, tmp_pat
         out = tmp_path / str(nms)
         _tool("demo.py", "--config-file", TOY_CONFIG, "--input", *inputs, "--output", out, "--confidence-threshold", 0.0,
               "--runtime", "onnxruntime", "--onnx", exported_toy, "--opts", "MODEL.WEIGHTS", overfit_toy["weights"],
-              "DATASETS.TOY_ROOT", TOY_ROOT, "MODEL.MF_DETR.TEST_NMS_THRESH", nms)
+              "DATASETS.TOY_ROOT", TOY_ROOT, "MODEL.MF_DETR.TEST.NMS_THRESH", nms)
         pairs = 0
         for detections in _demo_detections(out, [os.path.splitext(os.path.basename(f))[0] for f in inputs]).values():
             boxes = torch.tensor([d["bbox"] for d in detections], dtype=torch.float64).reshape(-1, 4)
@@ -262,6 +261,36 @@ def test_onnx_runtime_with_a_batch_equals_pytorch(overfit_toy, exported_toy):
     np.testing.assert_allclose(got[0][confident.numpy()], expected[0][confident].numpy(), atol=0.5)
     np.testing.assert_allclose(got[1][confident.numpy()], expected[1][confident].numpy(), atol=1e-3)
     assert (got[2][confident.numpy()] == expected[2][confident].numpy()).all()
+
+
+def test_evaluation_the_predictor_and_the_graph_post_process_alike(overfit_toy, exported_toy, monkeypatch):
+    """The three inference paths (the Detectron2 model as evaluation runs it, ``Predictor`` with
+    PyTorch, ``Predictor`` with the exported graph in ONNX Runtime) each run ``PostProcess``'s two
+    steps once per image (the graph's first step is inside it), and give the same detections with
+    the recipe's score threshold and NMS on."""
+    from mobileformer_det.deploy import load_model
+    from mobileformer_det.modeling.detr.postprocess import PostProcess
+
+    calls = []
+    for step in ("forward", "select"):
+        original = getattr(PostProcess, step)
+        monkeypatch.setattr(PostProcess, step, lambda self, *a, _f=original, _s=step: calls.append(_s) or _f(self, *a))
+    cfg = toy_cfg("MODEL.WEIGHTS", overfit_toy["weights"], *AT_GRAPH_SIZE, "MODEL.MF_DETR.TEST.SCORE_THRESH", 0.2,
+                  "MODEL.MF_DETR.TEST.NMS_THRESH", 0.7)
+    rgb = _rgb(overfit_toy["image_root"], _subset_files(overfit_toy)[0])
+    with torch.no_grad():
+        evaluated = load_model(cfg)([{"image": torch.from_numpy(rgb.transpose(2, 0, 1).copy())}])[0]["instances"]
+    assert calls == ["forward", "select"]
+    results = {"evaluation": evaluated}
+    for runtime in ("torch", "onnxruntime"):
+        calls.clear()
+        results[runtime] = Predictor(cfg, runtime, onnx_path=exported_toy)(rgb)
+        assert calls == (["forward", "select"] if runtime == "torch" else ["select"]), runtime
+    assert len(evaluated) >= 1 and evaluated.scores.min() > 0.2
+    for name, result in results.items():
+        assert result.pred_classes.tolist() == evaluated.pred_classes.tolist(), name
+        torch.testing.assert_close(result.scores, evaluated.scores, atol=1e-3, rtol=0)
+        torch.testing.assert_close(result.pred_boxes.tensor, evaluated.pred_boxes.tensor, atol=0.5, rtol=0)
 
 
 @pytest.mark.slow
@@ -292,11 +321,11 @@ def test_benchmark_models_do_not_let_onnxruntime_merge_the_decoder_layers(tmp_pa
     cfg = toy_cfg()
     counts = {}
     for name, model in (("fresh", build_model(cfg).eval()), ("benchmark", build_eval_model(cfg))):
-        path = export_onnx(prepare_for_inference(model, channels_last=False), str(tmp_path / f"{name}.onnx"), 64, 96)
+        path = export_onnx(model, str(tmp_path / f"{name}.onnx"), 64, 96)
         options = ort.SessionOptions()
         options.optimized_model_filepath = str(tmp_path / f"{name}_optimised.onnx")
         ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         nodes = onnx.load(options.optimized_model_filepath).graph.node
         counts[name] = sum("value_proj" in n.name and n.op_type in ("MatMul", "Gemm", "FusedMatMul") for n in nodes)
     levels = cfg.MODEL.MF_DETR.NUM_FEATURE_LEVELS  # the folded neck: one product per level and layer
-    assert counts == {"fresh": levels, "benchmark": levels * cfg.MODEL.MF_DETR.DEC_LAYERS}, counts
+    assert counts == {"fresh": levels, "benchmark": levels * cfg.MODEL.MF_DETR.DECODER.NUM_LAYERS}, counts

@@ -33,7 +33,7 @@ def test_every_config_loads_with_the_project_keys():
             cfg.merge_from_file(os.path.join(ROOT, "configs", name))
             assert cfg.MODEL.META_ARCHITECTURE == "MFDETR"
             d = cfg.MODEL.MF_DETR
-            variants[name] = (cfg.MODEL.MOBILEFORMER.VARIANT, d.HIDDEN_DIM, d.DIM_FEEDFORWARD, d.DEC_LAYERS)
+            variants[name] = (cfg.MODEL.MOBILEFORMER.VARIANT, d.HIDDEN_DIM, d.DECODER.DIM_FEEDFORWARD, d.DECODER.NUM_LAYERS)
     # The COCO recipes follow the decoder-size rule written in Base-MF-DETR.yaml.
     assert variants["mf_detr.yaml"] == ("mf508", 256, 1024, 6)
     assert {variants[f"mf_detr_{v}m.yaml"] for v in (26, 52, 96, 151, 214, 294)} == {

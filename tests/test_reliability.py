@@ -175,7 +175,7 @@ def test_output_dir_lock_kill_and_resume(tmp_path):
     rc, log = _train("--resume", *_small_run(out, "SOLVER.MAX_ITER", killed_at + 20, "MODEL.MF_DETR.NUM_CLASSES", 5))
     assert rc != 0 and "Starting training" not in log
     assert "transformer.class_heads.0.weight (4, 128) vs (5, 128)" in log and "MODEL.MF_DETR.NUM_CLASSES" in log, log[-2000:]
-    rc, log = _train("--eval-only", *_small_run(out, "MODEL.WEIGHTS", out / "model_final.pth", "MODEL.MF_DETR.DEC_LAYERS", 6))
+    rc, log = _train("--eval-only", *_small_run(out, "MODEL.WEIGHTS", out / "model_final.pth", "MODEL.MF_DETR.DECODER.NUM_LAYERS", 6))
     assert rc != 0 and "missing from the checkpoint: transformer.decoder.3." in log, log[-2000:]
     rc, log = _train("--eval-only", *_small_run(out))
     assert rc != 0 and "--eval-only needs trained weights" in log and "add --resume" in log
@@ -249,7 +249,7 @@ def test_fine_tuning_to_another_class_count_restarts_only_the_class_heads(tmp_pa
     assert state["transformer.class_heads.0.weight"].shape == (7, 128)
     with pytest.raises(ValueError, match="class_heads.0.weight .4, 128. vs .7, 128."):
         MobileFormerCheckpointer(model, variant="mf52").load(toy_weights)           # resume, eval, demo: refused
-    wider = build_model(toy_cfg("MODEL.MF_DETR.NUM_CLASSES", 7, "MODEL.MF_DETR.DIM_FEEDFORWARD", 256))
+    wider = build_model(toy_cfg("MODEL.MF_DETR.NUM_CLASSES", 7, "MODEL.MF_DETR.DECODER.DIM_FEEDFORWARD", 256))
     with pytest.raises(ValueError, match="ffn.fc1.weight"):
         MobileFormerCheckpointer(wider, variant="mf52", fine_tune=True).load(toy_weights)
 

@@ -83,20 +83,19 @@ def build_eval_model(cfg):
 def _runners(args, cfg, model, height, width, tmpdir):
     """name -> callable(batch size) -> callable() running that runtime on a batch (random images)."""
     from mobileformer_det.deploy import TensorDetector, export_onnx, graph_runner
-    from mobileformer_det.modeling.inference import prepare_for_inference
 
     device = torch.device(cfg.MODEL.DEVICE)
     runners = {}
     for runtime in args.runtime:
         if runtime in ("plain", "torch"):
-            net = model if runtime == "plain" else prepare_for_inference(copy.deepcopy(model))
+            net = model if runtime == "plain" else copy.deepcopy(model).deploy()
 
             def make(batch, net=net):
                 inputs = [{"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8), "height": height,
                            "width": width} for _ in range(batch)]
                 return lambda: net(inputs)
         elif runtime == "compile":
-            net = torch.compile(TensorDetector(prepare_for_inference(copy.deepcopy(model))), dynamic=False)
+            net = torch.compile(TensorDetector(copy.deepcopy(model).deploy()), dynamic=False)
 
             def make(batch, net=net):
                 images = torch.randint(0, 256, (batch, 3, height, width), device=device).float()
@@ -104,7 +103,7 @@ def _runners(args, cfg, model, height, width, tmpdir):
         else:
             path = args.onnx or os.path.join(tmpdir, "model.onnx")
             if not args.onnx and not os.path.exists(path):
-                export_onnx(prepare_for_inference(copy.deepcopy(model), channels_last=False), path, height, width,
+                export_onnx(copy.deepcopy(model), path, height, width,
                             dynamic_batch=True)
             run = graph_runner(path, runtime, torch.get_num_threads())
 
@@ -187,7 +186,7 @@ def _parts(model):
     for i, layer in enumerate(transformer.decoder):
         parts[f"decoder layer {i}"] = [layer]
     parts["class and box heads"] = list(transformer.class_heads) + list(transformer.box_heads)
-    parts["post-processing (top-k, boxes)"] = "postprocess"
+    parts["post-processing (top-k, boxes)"] = [model.postprocess]
     return parts
 
 
@@ -242,17 +241,16 @@ def bench_breakdown(args, cfg):
     neck folded, channels-last backbone), and, with ``--runtime onnxruntime``, the exported graph (profiled by
     ONNX Runtime), interleaved, beside each part's GFLOPs."""
     from mobileformer_det.deploy import export_onnx, onnx_session
-    from mobileformer_det.modeling.inference import prepare_for_inference
 
     height, width = args.input_size or (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST)
     plain = build_eval_model(cfg)
-    models = {"plain": plain, "torch": prepare_for_inference(copy.deepcopy(plain))}
+    models = {"plain": plain, "torch": copy.deepcopy(plain).deploy()}
     flops, total_flops = _flops_by_part(plain, _parts(plain), height, width)
     fast_flops, fast_total = _flops_by_part(models["torch"], _parts(models["torch"]), height, width)
     inputs = [{"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8), "height": height, "width": width}]
     tmpdir = tempfile.TemporaryDirectory()
     if "onnxruntime" in args.runtime:  # exported before the timing hooks go on
-        path = export_onnx(prepare_for_inference(copy.deepcopy(plain), channels_last=False),
+        path = export_onnx(copy.deepcopy(plain),
                            os.path.join(tmpdir.name, "model.onnx"), height, width)
     records, calls = {}, {}
     for name, model in models.items():
@@ -355,7 +353,6 @@ def bench_variants(args, cfgs):
     ``--input-size``, batch 1: each config's detector, or, given one config, its detector on every
     Mobile-Former variant."""
     from mobileformer_det.modeling import VARIANTS
-    from mobileformer_det.modeling.inference import prepare_for_inference
     from mobileformer_det.utils.flops import detector_flops_by_module
 
     if len(cfgs) == 1:
@@ -372,7 +369,7 @@ def bench_variants(args, cfgs):
             model = build_eval_model(c)
             params = sum(p.numel() for p in model.parameters()) / 1e6
             gflops, _ = detector_flops_by_module(model, height, width)
-            prepared_gflops, _ = detector_flops_by_module(prepare_for_inference(copy.deepcopy(model)), height, width)
+            prepared_gflops, _ = detector_flops_by_module(copy.deepcopy(model).deploy(), height, width)
             os.makedirs(os.path.join(tmpdir, str(i)))
             runners = _runners(args, c, model, height, width, os.path.join(tmpdir, str(i)))
             with torch.no_grad():
@@ -380,7 +377,7 @@ def bench_variants(args, cfgs):
                                          torch.device(c.MODEL.DEVICE), args.runs, args.warmup)
             medians = [1000 * np.median(t) for t in times.values()]
             rows.append([c.MODEL.MOBILEFORMER.VARIANT, os.path.basename(path),
-                         f"{d.HIDDEN_DIM}x{d.DEC_LAYERS}", f"{params:.2f}", f"{gflops:.2f}", f"{prepared_gflops:.2f}",
+                         f"{d.HIDDEN_DIM}x{d.DECODER.NUM_LAYERS}", f"{params:.2f}", f"{gflops:.2f}", f"{prepared_gflops:.2f}",
                          *(f"{m:.1f}" for m in medians)])
     print(f"\nMF-DETR on each backbone at {height}x{width}, batch 1 (decoder: width x layers):")
     print(tabulate(rows, ["variant", "config", "decoder", "params (M)", "GFLOPs", "GFLOPs (torch)",

@@ -7,8 +7,9 @@
 The graph takes ``images``: float32 ``[N, 3, H, W]``, RGB, 0-255 (normalisation is inside), H x W
 fixed at export; it returns ``boxes`` ``[N, K, 4]`` (xyxy, input pixels), ``scores`` ``[N, K]`` and
 ``labels`` ``[N, K]`` (contiguous class index; the dataset's names and ids are in its metadata),
-K = MODEL.MF_DETR.TEST_TOPK, after the top-k: a runtime needs no post-processing. Batch norm and
-the neck are folded (mobileformer_det/modeling/inference.py). Images of another size are letterboxed (see mobileformer_det/deploy.py).
+K = MODEL.MF_DETR.TEST.TOPK, after the top-k: a runtime needs no post-processing but the score
+threshold and NMS. Batch norm and the neck are folded (``MFDETR.deploy``). Images of another size
+are letterboxed (see mobileformer_det/deploy.py).
 After export, ONNX Runtime runs the graph once on a random image and the largest difference to
 PyTorch is printed.
 """
@@ -51,7 +52,7 @@ def main(argv=None):
     model = load_model(cfg)
     export_onnx(model, args.output, height, width, dynamic_batch=args.dynamic_batch, opset=args.opset)
     logger.info(f"wrote {args.output}: images [{'N' if args.dynamic_batch else 1}, 3, {height}, {width}] -> "
-                f"boxes, scores, labels (K = {cfg.MODEL.MF_DETR.TEST_TOPK}); onnx.checker passed")
+                f"boxes, scores, labels (K = {cfg.MODEL.MF_DETR.TEST.TOPK}); onnx.checker passed")
 
     import onnxruntime as ort
 

@@ -3,8 +3,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from detectron2.layers import Conv2d, get_norm
+from detectron2.layers import Conv2d, FrozenBatchNorm2d, get_norm
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 
 def conv_norm(in_channels, out_channels, kernel_size, stride=1, groups=1, norm="BN"):
@@ -114,3 +115,29 @@ def init_reference_weights(module):
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, 0.01)
             nn.init.zeros_(m.bias)
+
+
+def _folded(conv):
+    norm = conv.norm
+    weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps,
+                                        norm.weight, norm.bias)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+    fused.weight, fused.bias = nn.Parameter(weight.detach(), False), nn.Parameter(bias.detach(), False)
+    return fused.to(conv.weight.device)
+
+
+def fuse_conv_bn(module):
+    """Replace every convolution followed by a batch norm (Detectron2's ``Conv2d`` with a ``.norm``
+    of BatchNorm2d or FrozenBatchNorm2d, in eval mode) by one ``nn.Conv2d`` with the norm folded
+    into its weights and bias. In place; returns ``module``."""
+    for name, child in module.named_children():
+        norm = getattr(child, "norm", None)
+        if isinstance(child, nn.Conv2d) and isinstance(norm, (nn.BatchNorm2d, FrozenBatchNorm2d)) \
+                and getattr(child, "activation", None) is None:
+            if norm.training:
+                raise ValueError("fuse_conv_bn needs the model in eval mode (batch norm on running statistics)")
+            setattr(module, name, _folded(child))
+        else:
+            fuse_conv_bn(child)
+    return module

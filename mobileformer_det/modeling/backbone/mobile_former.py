@@ -10,7 +10,7 @@ from torch import nn
 
 from .blocks import BLOCK_TYPES
 from .bridge import MobileToFormer
-from .layers import conv_norm, init_reference_weights, valid_mask, zero_padding
+from .layers import conv_norm, fuse_conv_bn, init_reference_weights, valid_mask, zero_padding
 
 __all__ = ["VARIANTS", "MobileFormerSpec", "MobileFormer", "build_mobileformer_backbone"]
 
@@ -143,7 +143,7 @@ class MobileFormer(Backbone):
 
         init_reference_weights(self)
         self.freeze(freeze_at)
-        # Memory format of the maps; channels_last is set for inference (see modeling/inference.py).
+        # Memory format of the maps; channels_last may be set for inference (convert_to_deploy).
         self.memory_format = torch.contiguous_format
 
     @property
@@ -221,6 +221,20 @@ class MobileFormer(Backbone):
         if tokens is not None:
             outputs["tokens"] = tokens
         return outputs
+
+    @torch.no_grad()
+    def convert_to_deploy(self, channels_last=True):
+        """For inference (eval mode): batch norm folded into the convolutions (:func:`fuse_conv_bn`)
+        and the maps in channels-last memory, or in contiguous memory without ``channels_last``
+        (what ONNX export wants). The same function to float rounding. In place; returns self."""
+        fuse_conv_bn(self)
+        self.set_memory_format(torch.channels_last if channels_last else torch.contiguous_format)
+        return self
+
+    def set_memory_format(self, memory_format):
+        """Run the backbone's maps in ``memory_format`` (``torch.channels_last`` or ``torch.contiguous_format``)."""
+        self.to(memory_format=memory_format)
+        self.memory_format = memory_format
 
     def drop_token_output(self):
         """Stop returning ``tokens`` (for a detector that does not read them): the final

@@ -1,4 +1,4 @@
-"""Dense training of the two-stage proposals (DETA's first-stage assignment) and their duplicate removal."""
+"""Dense training of the two-stage proposals: DETA's first-stage assignment (training only; the criterion runs it)."""
 import torch
 from detectron2.modeling.matcher import Matcher
 from torchvision.ops import box_convert, box_iou
@@ -51,26 +51,3 @@ class AnchorAssigner:
             counted[positions[~keep]] = False
             result.append((positions[keep], gt[keep], counted))
         return result
-
-
-def fast_nms_order(boxes, scores, iou_thresh):
-    """Ranking keys that put duplicates last (YOLACT's Fast NMS: a candidate is suppressed when a
-    higher-scoring one overlaps it by more than ``iou_thresh``, suppressed or not). Fixed-size
-    tensor operations only, batched: it exports to ONNX as it is.
-
-    Args:
-        boxes: ``[N, M, 4]`` normalised cxcywh; scores: ``[N, M]`` logits in descending order.
-    Returns:
-        ``[N, M]`` float keys: the scores, 1e4 lower where suppressed (logits stay far above -1e4;
-        -inf, an invalid position, stays last).
-    """
-    x0, y0, x1, y1 = box_convert(boxes.float(), "cxcywh", "xyxy").unbind(-1)    # each [N, M]
-    w = (torch.minimum(x1[:, :, None], x1[:, None]) - torch.maximum(x0[:, :, None], x0[:, None])).clamp(min=0)
-    h = (torch.minimum(y1[:, :, None], y1[:, None]) - torch.maximum(y0[:, :, None], y0[:, None])).clamp(min=0)
-    inter = w * h
-    area = (x1 - x0) * (y1 - y0)
-    iou = inter / (area[:, :, None] + area[:, None] - inter).clamp(min=1e-9)    # [N, M, M]
-    index = torch.arange(boxes.shape[1], device=boxes.device)
-    earlier = (index[:, None] < index[None, :]).to(iou.dtype)                   # row ranks above column
-    suppressed = (iou * earlier).amax(1) > iou_thresh                           # [N, M]
-    return scores.float() - 1e4 * suppressed.to(torch.float32)

@@ -37,13 +37,20 @@ class SetCriterion(nn.Module):
 
     ``class_loss`` is ``"focal"`` (sigmoid focal loss, Deformable DETR) or ``"varifocal"``
     (:func:`varifocal_loss` with ``vfl_alpha``: the class target of a matched query is its IoU).
+
+    The two-stage proposals are matched one-to-one as the decoder's queries are, or, with a
+    ``proposal_assigner`` (:class:`~.assigner.AnchorAssigner`, DETA's first stage, as detrex's DETA
+    criterion owns it), every map position's class score is trained against the targets the
+    assigner gives its anchor, and its positives' boxes against those targets.
     """
 
     def __init__(self, num_classes, matcher, weight_class=2.0, weight_bbox=5.0, weight_giou=2.0,
-                 focal_alpha=0.25, focal_gamma=2.0, class_loss="focal", vfl_alpha=0.75, one2many_repeats=6):
+                 focal_alpha=0.25, focal_gamma=2.0, class_loss="focal", vfl_alpha=0.75, one2many_repeats=6,
+                 proposal_assigner=None):
         super().__init__()
         if class_loss not in ("focal", "varifocal"):
-            raise ValueError(f"MODEL.MF_DETR.CLASS_LOSS must be 'focal' or 'varifocal', got {class_loss!r}")
+            raise ValueError(f"MODEL.MF_DETR.LOSS.CLASS_TYPE must be 'focal' or 'varifocal', got {class_loss!r}")
+        self.proposal_assigner = proposal_assigner
         self.num_classes, self.matcher = num_classes, matcher
         self.weights = {"loss_class": weight_class, "loss_bbox": weight_bbox, "loss_giou": weight_giou}
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
@@ -97,6 +104,18 @@ class SetCriterion(nn.Module):
         }
         return {k: v * self.weights[k] for k, v in losses.items()}
 
+    def loss_dense(self, dense, targets, normaliser):
+        """:meth:`loss_set` of every map position (a ``DenseProposals``), the ``proposal_assigner``'s
+        positives as matches and the positions it counts in the class loss."""
+        assignments = self.proposal_assigner(dense.anchors, dense.valid, targets)
+        batch = torch.cat([torch.full_like(p, i) for i, (p, _, _) in enumerate(assignments)])
+        positions = torch.cat([p for p, _, _ in assignments])
+        # every position's row, as loss_set takes them; only the positives' are computed and read
+        boxes = dense.anchors.new_zeros(*dense.anchors.shape[:2], 4).index_put((batch, positions),
+                                                                               dense.boxes(batch, positions))
+        return self.loss_set(dense.logits, boxes, targets, [(p, gt) for p, gt, _ in assignments], normaliser,
+                             torch.stack([c for _, _, c in assignments]))
+
     def forward(self, outputs, targets, enc_outputs=None, denoising=None, num_one2many=0):
         """
         Args:
@@ -104,10 +123,10 @@ class SetCriterion(nn.Module):
                 last = final; the first D queries are the denoising ones (D = 0 without
                 ``denoising``), the last Q2 = ``num_one2many`` the one-to-many ones.
             targets: list of N dicts: ``labels`` ``[T_i]`` int64, ``boxes`` ``[T_i, 4]`` normalised cxcywh.
-            enc_outputs: optional ``{"pred_logits", "pred_boxes"}`` of the two-stage proposals
-                (matched one-to-one), or with ``"dense"``: every position's, with the
-                ``proposal_assigner``'s positives as matches and only the counted positions in the
-                class loss.
+            enc_outputs: optional ``{"pred_logits", "pred_boxes", "dense"}`` of the two-stage
+                proposals: the chosen ones (matched one-to-one), and every position's
+                (``DenseProposals``, read with a ``proposal_assigner``: its positives are the
+                matches and only the positions it counts are in the class loss).
             denoising: optional dict of ``build_denoising_queries``.
         Returns:
             dict of scalar losses.
@@ -119,10 +138,8 @@ class SetCriterion(nn.Module):
         sets = {("" if i == last else f"_{i}"): (logits[:, num_dn:end], boxes[:, num_dn:end])
                 for i, (logits, boxes) in enumerate(outputs)}
         losses = {}
-        if enc_outputs is not None and "dense" in enc_outputs:
-            dense = enc_outputs["dense"]
-            layer = self.loss_set(dense["logits"], dense["boxes"], targets, dense["indices"], num_boxes, dense["counted"])
-            losses.update({k + "_enc": v for k, v in layer.items()})
+        if enc_outputs is not None and self.proposal_assigner is not None:
+            losses.update({k + "_enc": v for k, v in self.loss_dense(enc_outputs["dense"], targets, num_boxes).items()})
         elif enc_outputs is not None:
             sets["_enc"] = (enc_outputs["pred_logits"], enc_outputs["pred_boxes"])
         for (suffix, (logits, boxes)), indices in zip(sets.items(), self.matcher(list(sets.values()), targets)):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .factored_memory import FactoredMemory
+from .factored_memory import MemoryLinear
 
 
 def multi_scale_deformable_attention(value, spatial_shapes, sampling_locations, attention_weights):
@@ -47,7 +47,7 @@ class MSDeformAttn(nn.Module):
         self.num_levels, self.num_heads, self.num_points = num_levels, num_heads, num_points
         self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
-        self.value_proj = nn.Linear(dim, dim)
+        self.value_proj = MemoryLinear(dim, dim)
         self.output_proj = nn.Linear(dim, dim)
         self._reset_parameters()
 
@@ -73,8 +73,8 @@ class MSDeformAttn(nn.Module):
         Args:
             query: ``[N, Q, dim]`` (position embedding already added).
             reference: ``[N, Q, L, 2]`` points or ``[N, Q, L, 4]`` boxes, normalised to the padded map.
-            value: ``[N, S, dim]`` flattened maps of all levels, or their ``FactoredMemory`` (then
-                ``value_proj`` is a ``MemoryLinear``, see ``inference.fold_neck``).
+            value: ``[N, S, dim]`` flattened maps of all levels, or the neck's factored memory
+                once deployed: ``value_proj`` (a ``MemoryLinear``) reads either.
             spatial_shapes: list of ``(H_l, W_l)``.
             padding_mask: ``[N, S]`` bool, True on padding (those values are zeroed).
         Returns:
@@ -82,10 +82,7 @@ class MSDeformAttn(nn.Module):
         """
         n, q, _ = query.shape
         sizes = [h * w for h, w in spatial_shapes]
-        if isinstance(value, FactoredMemory):  # the neck folded in: [N, dim, H_l * W_l] per level already
-            value = self.value_proj(value)
-        else:
-            value = [v.transpose(1, 2) for v in self.value_proj(value).split(sizes, 1)]
+        value = self.value_proj(value, spatial_shapes)                   # per level [N, dim, H_l * W_l]
         if padding_mask is not None:
             value = [v.masked_fill(m[:, None], 0.0) for v, m in zip(value, padding_mask.split(sizes, 1))]
         offsets = self.sampling_offsets(query).view(n, q, self.num_heads, self.num_levels, self.num_points, 2)

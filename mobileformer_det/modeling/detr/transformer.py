@@ -7,15 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .assigner import fast_nms_order
 from .deformable_attention import MSDeformAttn
-from .factored_memory import FactoredMemory
+from .factored_memory import MemoryLinear
 from .position_encoding import sine_embed_coords
-
-
-def inverse_sigmoid(x, eps=1e-5):
-    x = x.clamp(0, 1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+from .query_selection import DenseProposals, grid_anchors, grid_centres, inverse_sigmoid, top_positions
 
 
 class MLP(nn.Module):
@@ -83,7 +78,7 @@ class DecoderLayer(nn.Module):
         Args:
             query, query_pos: ``[N, Q, dim]``.
             reference: ``[N, Q, L, 4]`` boxes (cx, cy, w, h) normalised to each padded level.
-            memory: ``[N, S, dim]`` or its ``FactoredMemory``; padding_mask ``[N, S]`` or None.
+            memory: the neck's memory, read by ``cross_attn``'s ``MemoryLinear`` only; padding_mask ``[N, S]`` or None.
             tokens, token_pos: ``[N, M, dim]``, the projected global tokens and their embeddings
                 (None when the layer was built without ``use_tokens``).
             self_attn_mask: optional ``[N * heads, Q, Q]`` bool, True where a query may not look
@@ -121,20 +116,16 @@ class Transformer(nn.Module):
         num_queries_one2many: H-DETR's hybrid matching: in training only, this many extra queries
             (the next-best two-stage proposals, or their own learned boxes) that no other query
             sees, matched by the criterion to every target repeated several times. 0 = off.
-        proposal_assigner: optional :class:`AnchorAssigner` (DETA): in training, every position's
-            class score and its positives' boxes are trained against the targets it assigns
-            (``enc_outputs["dense"]``) instead of the chosen proposals being matched one-to-one.
         proposal_nms_thresh: > 0: the two-stage proposals skip candidates that overlap a
-            higher-scoring one by more than this IoU (:func:`fast_nms_order`, over the best
-            ``4 * num_queries`` positions), in training and inference. 0 = off.
+            higher-scoring one by more than this IoU (:func:`~.query_selection.fast_nms_order`, over
+            the best ``4 * num_queries`` positions), in training and inference. 0 = off.
     """
 
     def __init__(self, dim, ffn_dim, num_levels, num_queries, num_classes, enc_layers=0, dec_layers=6,
                  num_heads=8, num_points=4, dropout=0.0, two_stage=True, denoising=False, aux_loss=True,
-                 use_tokens=True, look_forward_twice=False, num_queries_one2many=0, proposal_assigner=None,
-                 proposal_nms_thresh=0.0):
+                 use_tokens=True, look_forward_twice=False, num_queries_one2many=0, proposal_nms_thresh=0.0):
         super().__init__()
-        self.proposal_assigner, self.proposal_nms_thresh = proposal_assigner, proposal_nms_thresh
+        self.proposal_nms_thresh = proposal_nms_thresh
         self.label_embed = nn.Embedding(num_classes, dim) if denoising else None
         self.num_queries, self.num_queries_one2many, self.two_stage = num_queries, num_queries_one2many, two_stage
         self.look_forward_twice = look_forward_twice
@@ -148,7 +139,7 @@ class Transformer(nn.Module):
         self.class_heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(num_heads_sets))
         self.box_heads = nn.ModuleList(MLP(dim, dim, 4, 3) for _ in range(num_heads_sets))
         if two_stage:
-            self.enc_output = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim))
+            self.enc_output = nn.Sequential(MemoryLinear(dim, dim), nn.LayerNorm(dim))
             self.enc_class_head = nn.Linear(dim, num_classes)
             self.enc_box_head = MLP(dim, dim, 4, 3)
         else:
@@ -168,104 +159,67 @@ class Transformer(nn.Module):
             with torch.no_grad():
                 self.reference_boxes.weight[:, :2].uniform_(-3.0, 3.0)
 
-    @staticmethod
-    def _grid_references(spatial_shapes, valid_ratios, device):
-        """Pixel centres of every level, normalised to the valid image: ``[N, S, 2]`` (x, y)."""
-        points = []
-        for lvl, (h, w) in enumerate(spatial_shapes):
-            y, x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, device=device), torch.linspace(0.5, w - 0.5, w, device=device),
-                indexing="ij",
-            )
-            xy = torch.stack([x.reshape(-1) / w, y.reshape(-1) / h], -1)         # padded-normalised
-            points.append(xy[None] / valid_ratios[:, None, lvl])                # valid-normalised
-        return torch.cat(points, 1)
-
-    def _select_queries(self, memory, padding_mask, spatial_shapes, valid_ratios, num_queries, targets=None):
+    def _select_queries(self, memory, padding_mask, spatial_shapes, valid_ratios, num_queries):
         """Two-stage: score every position, keep the top ``num_queries`` as reference boxes.
 
-        The box head runs on the selected positions only (and on the NMS candidates and the
-        assigner's positives, when those are on). Returns (reference boxes ``[N, Q, 4]`` in
-        sigmoid space, detached; encoder outputs ``{"pred_logits": [N, Q, K], "pred_boxes":
-        [N, Q, 4]}`` of the selected positions, plus ``"dense"`` when ``targets`` are given and
-        there is a ``proposal_assigner``: ``{"logits": [N, S, K], "boxes": [N, S, 4] (computed at
-        the positives only, zero elsewhere), "indices": per image (positives, their targets),
-        "counted": [N, S] the positions the class loss counts}``).
+        The box head runs on the selected positions only (and on the NMS candidates, when that is
+        on). Returns (reference boxes ``[N, Q, 4]`` in [0, 1], detached; encoder outputs
+        ``{"pred_logits": [N, Q, K], "pred_boxes": [N, Q, 4]}`` of the selected positions, plus in
+        training ``"dense"``: every position's :class:`~.query_selection.DenseProposals`).
         """
-        device = valid_ratios.device
-        centres = self._grid_references(spatial_shapes, valid_ratios, device)          # [N, S, 2]
-        level_sizes = torch.cat([
-            torch.full((h * w,), 0.05 * 2.0 ** lvl, device=device) for lvl, (h, w) in enumerate(spatial_shapes)
-        ])
-        anchors = torch.cat([centres, level_sizes[None, :, None].expand(*centres.shape[:2], 2)], -1)
-        valid = ((anchors > 0.01) & (anchors < 0.99)).all(-1)
-        if padding_mask is not None:
-            valid = valid & ~padding_mask
-        if isinstance(memory, FactoredMemory):  # inference.fold_neck: enc_output[0] is a MemoryLinear
-            output = self.enc_output[1](torch.cat(self.enc_output[0](memory, rows=True), 1))
-        else:
-            output = self.enc_output(memory)
+        anchors, valid = grid_anchors(spatial_shapes, valid_ratios, padding_mask)  # [N, S, 4], [N, S]
+        output = self.enc_output(memory)                                         # [N, S, dim]
         logits = self.enc_class_head(output)
         scores = logits.max(-1)[0].masked_fill(~valid, float("-inf"))
         k = min(num_queries, scores.shape[1])
-        if self.proposal_nms_thresh > 0:
-            with torch.no_grad():
-                candidate_scores, candidates = scores.topk(min(4 * k, scores.shape[1]), dim=1)
-                rows = torch.gather(output, 1, candidates[..., None].expand(-1, -1, output.shape[-1]))
-                anchor_logits = inverse_sigmoid(torch.gather(anchors, 1, candidates[..., None].expand(-1, -1, 4)))
-                boxes = (self.enc_box_head(rows) + anchor_logits).sigmoid()
-                keys = fast_nms_order(boxes, candidate_scores, self.proposal_nms_thresh)
-                topk = torch.gather(candidates, 1, keys.topk(k, dim=1)[1])
-        else:
-            topk = scores.topk(k, dim=1)[1]
 
-        def gather(x):
-            return torch.gather(x, 1, topk[..., None].expand(-1, -1, x.shape[-1]))
+        def gather(x, index):
+            return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
 
-        dense = None
-        if targets is not None and self.proposal_assigner is not None:
-            assignments = self.proposal_assigner(anchors, valid, targets)
-            batch = torch.cat([torch.full_like(p, i) for i, (p, _, _) in enumerate(assignments)])
-            positions = torch.cat([p for p, _, _ in assignments])
-            dense_boxes = (self.enc_box_head(output[batch, positions]) + inverse_sigmoid(anchors[batch, positions])).sigmoid()
-            # every position's row, for the criterion's loss_set; only the positives' are ever read
-            boxes = dense_boxes.new_zeros(*anchors.shape[:2], 4).index_put((batch, positions), dense_boxes)
-            dense = {"logits": logits, "boxes": boxes, "indices": [(p, gt) for p, gt, _ in assignments],
-                     "counted": torch.stack([c for _, _, c in assignments])}
+        def boxes_of(candidates):
+            return (self.enc_box_head(gather(output, candidates)) + inverse_sigmoid(gather(anchors, candidates))).sigmoid()
 
+        topk = top_positions(scores, k, self.proposal_nms_thresh, boxes_of)
         # An invalid position (chosen only when fewer than k are valid) reads a zero memory, as in
         # Deformable DETR; masking the k chosen rows instead of all S costs nothing.
         chosen = torch.gather(valid, 1, topk)[..., None]
         empty = self.enc_output[1](self.enc_output[0].bias[None])                 # enc_output of a zero row
-        output = torch.where(chosen, gather(output), empty)
-        logits = torch.where(chosen, gather(logits), self.enc_class_head(empty))
-        anchors = inverse_sigmoid(gather(anchors)).masked_fill(~chosen, 0.0)
-        boxes = self.enc_box_head(output) + anchors                              # sigmoid space
-        enc_outputs = {"pred_logits": logits, "pred_boxes": boxes.sigmoid()}
-        if dense is not None:
-            enc_outputs["dense"] = dense
+        chosen_output = torch.where(chosen, gather(output, topk), empty)
+        chosen_logits = torch.where(chosen, gather(logits, topk), self.enc_class_head(empty))
+        boxes = self.enc_box_head(chosen_output) + inverse_sigmoid(gather(anchors, topk)).masked_fill(~chosen, 0.0)
+        enc_outputs = {"pred_logits": chosen_logits, "pred_boxes": boxes.sigmoid()}
+        if self.training:
+            enc_outputs["dense"] = DenseProposals(logits, anchors, valid, output, self.enc_box_head)
         return boxes.detach().sigmoid(), enc_outputs
 
+    @torch.no_grad()
+    def convert_to_deploy(self, factors):
+        """Read the neck's factored memory (``Neck.convert_to_deploy`` gives ``factors``): every
+        ``MemoryLinear`` folds them into its weight."""
+        for module in self.modules():
+            if isinstance(module, MemoryLinear):
+                module.convert_to_deploy(factors)
+
     def forward(self, memory, pos, padding_mask, spatial_shapes, valid_ratios, tokens=None, token_pos=None,
-                denoising=None, targets=None):
+                denoising=None):
         """
         Args:
-            memory: ``[N, S, dim]`` flattened maps of all levels, or their ``FactoredMemory``
-                (inference with the neck folded in, no encoder); pos: their position encoding
-                (used by the encoder only).
+            memory: the neck's memory: ``[N, S, dim]`` flattened maps of all levels, or after
+                ``convert_to_deploy`` their factors (no encoder); pos: ``[N, S, dim]`` their
+                position encoding (used by the encoder only).
             padding_mask: ``[N, S]`` bool, True on padding; None when no image is padded.
             spatial_shapes: list of ``(H_l, W_l)``.
             valid_ratios: ``[N, L, 2]`` valid width and height of each level over its padded size.
             tokens, token_pos: ``[N, M, dim]`` (None when the decoder does not use tokens).
             denoising: optional dict of ``build_denoising_queries``: its D queries go first.
-            targets: the criterion's targets, for the ``proposal_assigner`` (training only).
         Returns:
             (list over the decoder layers that have heads (all, or the last without ``aux_loss``) of
             ``(logits [N, D+Q+Q2, K], boxes [N, D+Q+Q2, 4] cxcywh in [0, 1])``, encoder outputs dict
-            of the Q one-to-one proposals or None). Q2 = ``num_queries_one2many`` in training, else 0.
+            of the Q one-to-one proposals (see ``_select_queries``) or None). Q2 =
+            ``num_queries_one2many`` in training, else 0.
         """
         if len(self.encoder):
-            reference = self._grid_references(spatial_shapes, valid_ratios, valid_ratios.device)
+            reference = grid_centres(spatial_shapes, valid_ratios)
             reference = reference[:, :, None] * valid_ratios[:, None]            # [N, S, L, 2]
             for layer in self.encoder:
                 memory = layer(memory, pos, reference, spatial_shapes, padding_mask)
@@ -276,7 +230,7 @@ class Transformer(nn.Module):
         enc_outputs = None
         if self.two_stage:
             reference, enc_outputs = self._select_queries(memory, padding_mask, spatial_shapes, valid_ratios,
-                                                          num_queries, targets if self.training else None)
+                                                          num_queries)
             enc_outputs = {k: (v if k == "dense" else v[:, : self.num_queries]) for k, v in enc_outputs.items()}
         else:
             reference = self.reference_boxes.weight[:num_queries].sigmoid()[None].expand(n, -1, -1)
