@@ -10,7 +10,6 @@ setup(
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
-        "einops>=0.6",
         "fvcore>=0.1.5",
         "iopath>=0.1.9",
         "pycocotools>=2.0.2",

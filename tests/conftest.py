@@ -7,6 +7,15 @@ import torch
 
 from helpers import ROOT, toy_cfg
 
+# Fixtures that train a model: every test that uses one is slow (make test-fast leaves it out).
+TRAINING_FIXTURES = {"overfit_toy"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def overfit_toy(tmp_path_factory):

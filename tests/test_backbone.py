@@ -153,6 +153,7 @@ def test_converter_rejects_missing_key():
         convert_official_state_dict(raw, "mf294")
 
 
+@pytest.mark.slow
 def test_converted_file_loads_into_classifier_and_detector_backbone(tmp_path):
     src, dst = tmp_path / "ref.pth.tar", tmp_path / "mf294_d2.pth"
     torch.save({"state_dict": synthetic_official_state_dict("mf294"), "epoch": 1}, src)
@@ -176,6 +177,7 @@ def test_converted_file_loads_into_classifier_and_detector_backbone(tmp_path):
         MobileFormerCheckpointer(other, variant="mf508").load(str(dst))
 
 
+@pytest.mark.slow
 def test_converter_cli_reports_wrong_variant(tmp_path):
     src = tmp_path / "ref.pth.tar"
     torch.save(synthetic_official_state_dict("mf26"), src)

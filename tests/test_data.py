@@ -21,6 +21,7 @@ def toy_root(tmp_path_factory):
     return ensure_toy_dataset(str(tmp_path_factory.mktemp("toy")))
 
 
+@pytest.mark.slow
 def test_toy_dataset_is_deterministic_and_varied(toy_root, tmp_path):
     ensure_toy_dataset(str(tmp_path))
     for split in ("train", "val"):
@@ -147,11 +148,6 @@ def test_annotation_file_without_images_is_a_clear_error(tmp_path):
     register_coco_instances("mfdet_test_empty", {}, str(path), str(tmp_path))
     with pytest.raises(AssertionError, match="mfdet_test_empty' is empty"):
         get_detection_dataset_dicts(["mfdet_test_empty"])
-
-
-def test_unknown_config_key_is_rejected():
-    with pytest.raises(AssertionError, match="Non-existent key: MODEL.MF_DETR.NUM_QUERYS"):
-        toy_cfg("MODEL.MF_DETR.NUM_QUERYS", 10)
 
 
 def _json_with_segmentations(tmp_path, segmentations, categories=("a", "b", "c")):
@@ -292,3 +288,34 @@ def test_invalid_boxes_are_dropped_by_reason_and_valid_ones_kept(caplog):
     for reason in ("1 NaN or infinite coordinate", "1 not 4 numbers", "1 outside the image",
                    "1 more than the image's size beyond its border", "1 zero width or height"):
         assert reason in caplog.text
+
+
+@pytest.mark.slow
+def test_crowd_dataset_is_deterministic_crowded_and_registered(tmp_path):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from mobileformer_det.data import ensure_crowd_dataset, register_datasets_from_config
+    from mobileformer_det.data.toy import CROWD_CLASSES, CROWD_IMAGE_SIZE
+
+    root = ensure_crowd_dataset(str(tmp_path / "a"))
+    val = json.load(open(os.path.join(root, "val.json")))
+    again = ensure_crowd_dataset(str(tmp_path / "b"))
+    assert json.load(open(os.path.join(again, "val.json"))) == val
+    assert open(os.path.join(root, "val", "00005.png"), "rb").read() == open(os.path.join(again, "val", "00005.png"), "rb").read()
+
+    counts = {}
+    for a in val["annotations"]:
+        counts[a["image_id"]] = counts.get(a["image_id"], 0) + 1
+        x, y, w, h = a["bbox"]
+        assert x >= 0 and y >= 0 and x + w <= CROWD_IMAGE_SIZE[0] and y + h <= CROWD_IMAGE_SIZE[1]
+    assert len(val["categories"]) == len(CROWD_CLASSES) == 10
+    assert sum(counts.values()) / len(counts) >= 8 and max(counts.values()) >= 18
+    assert len(counts) < len(val["images"])                                 # some empty images
+    aspect = [a["bbox"][2] / a["bbox"][3] for a in val["annotations"]]
+    assert max(aspect) > 2.5 and min(aspect) < 0.4                          # elongated objects both ways
+
+    cfg = toy_cfg("DATASETS.TRAIN", ("toy_crowd_train",), "DATASETS.TEST", ("toy_crowd_val",),
+                  "DATASETS.TOY_CROWD_ROOT", root)
+    register_datasets_from_config(cfg)
+    assert len(DatasetCatalog.get("toy_crowd_val")) == 100
+    assert MetadataCatalog.get("toy_crowd_val").thing_classes == CROWD_CLASSES

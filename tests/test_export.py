@@ -306,6 +306,7 @@ def test_compiled_runtime_equals_eager(overfit_toy):
     assert compiled.pred_classes[: keep.sum()].tolist() == eager.pred_classes[keep].tolist()
 
 
+@pytest.mark.slow
 def test_benchmark_models_do_not_let_onnxruntime_merge_the_decoder_layers(tmp_path):
     """A freshly built detector's decoder layers are copies of one layer, and ONNX Runtime merges
     equal computations: their value projections of the same memory would run once, as no trained

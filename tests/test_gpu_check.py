@@ -41,6 +41,7 @@ def test_a_failing_step_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch)
     assert "boom" in (tmp_path / "breaks.log").read_text()
 
 
+@pytest.mark.slow
 def test_install_without_a_wheelhouse_says_how_to_make_one(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "IMPORTS", ["detectron2", "mfdet_no_such_module"])
     monkeypatch.setattr(gpu_check, "WHEELHOUSE", str(tmp_path / "empty"))

@@ -310,6 +310,7 @@ def test_a_training_set_whose_images_are_all_missing_stops_before_the_model(tmp_
     assert drop_missing_images(records, ["x"]) == [records[1]]
 
 
+@pytest.mark.slow
 def test_a_graph_exported_for_another_class_count_is_refused(tmp_path, toy_weights, caplog):
     """...and one exported smaller than the config's test size is warned about."""
     from helpers import toy_cfg

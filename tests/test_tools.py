@@ -33,6 +33,7 @@ def toy_weights(tmp_path_factory):
     return str(out / "model.pth")
 
 
+@pytest.mark.slow
 def test_demo_on_awkward_images(tmp_path, toy_weights):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -72,6 +73,7 @@ def test_demo_on_awkward_images(tmp_path, toy_weights):
     assert detections[0]["category"] in ("square", "disk", "triangle", "cross")
 
 
+@pytest.mark.slow
 def test_demo_fails_when_nothing_is_readable(tmp_path, toy_weights):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nothing")
@@ -88,12 +90,14 @@ def test_demo_fails_when_nothing_is_readable(tmp_path, toy_weights):
     assert "MODEL.MF_DETR.NUM_CLASSES is 3, but dataset 'toy_coco_val' has 4 categories" in too_few.stdout + too_few.stderr
 
 
+@pytest.mark.slow
 def test_analyze_model_smoke():
     result = _tool("analyze_model.py", "--config-file", TOY_CONFIG, "--tasks", "flop", "parameter", "structure")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| backbone" in result.stdout and "| total" in result.stdout and "MFDETR(" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["eval", "train", "data", "checks"])
 def test_benchmark_smoke(task):
     result = _tool("benchmark.py", "--config-file", TOY_CONFIG, "--task", task, "--runs", 1, "--warmup", 0,
@@ -109,6 +113,7 @@ def test_benchmark_smoke(task):
         assert "/ plain" in result.stdout and rows["MF-DETR mf52 plain"].rstrip(" |").endswith("1")
 
 
+@pytest.mark.slow
 def test_benchmark_table_of_the_seven_variants():
     result = _tool("benchmark.py", "--config-file", TOY_CONFIG, "--task", "variants", "--runtime", "torch",
                    "--runs", 1, "--warmup", 0, "--input-size", 64, 96)
@@ -122,6 +127,7 @@ def test_benchmark_table_of_the_seven_variants():
     assert all(0 < float(r[4]) < float(r[3]) for r in rows.values())  # prepared: batch norm and neck folded
 
 
+@pytest.mark.slow
 def test_benchmark_variants_builds_each_recipe_with_its_own_decoder():
     """Several configs: one row each, with the decoder its recipe sets (the size rule of the configs);
     KEY VALUE pairs written right after the configs are still overrides."""
@@ -137,6 +143,7 @@ def test_benchmark_variants_builds_each_recipe_with_its_own_decoder():
     assert result.returncode == 2 and "takes one --config-file, got 2" in result.stderr
 
 
+@pytest.mark.slow
 def test_benchmark_breakdown_lists_every_part():
     """Eager parts timed by hooks; the exported graph's by ONNX Runtime's profile, its nodes found by
     their module scopes (so every stage and layer gets time of its own)."""

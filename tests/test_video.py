@@ -110,6 +110,7 @@ def test_a_damaged_video_keeps_the_frames_before_the_damage(overfit_toy, tmp_pat
     assert "garbage.mp4" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.path.exists("/dev/video0"), reason="this machine has a camera")
 def test_webcam_without_a_camera_fails_within_seconds(tmp_path):
     start = time.perf_counter()
@@ -118,6 +119,7 @@ def test_webcam_without_a_camera_fails_within_seconds(tmp_path):
     assert time.perf_counter() - start < 60
 
 
+@pytest.mark.slow
 def test_a_video_without_output_or_display_says_to_pass_output(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
     result = _demo("--video-input", tmp_path / "any.mp4", env=env)

@@ -189,7 +189,8 @@ class MFDETR(nn.Module):
         images = self.preprocess_image(batched_inputs)
         if not self.training:
             logits, boxes = self.predict(images.tensor, self.padded_sizes(images))
-            sizes = torch.tensor(images.image_sizes, dtype=torch.float32, device=logits.device).view(-1, 2)
+            # (h, w) ints, or tensors when traced (flop counting)
+            sizes = torch.stack([torch.as_tensor(s, device=logits.device) for s in images.image_sizes]).float()
             boxes, scores, labels = self.postprocess(logits, boxes, sizes)
             return [
                 {"instances": detector_postprocess(self.postprocess.select(b, s, l, size),
