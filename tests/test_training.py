@@ -77,7 +77,7 @@ def test_overfits_a_handful_of_toy_images(overfit_toy):
 
 
 # AP50 of the toy recipe after 300 iterations (seed 42), measured with the command of the test on a
-# 2-core CPU: see the README's ablation section. The floor leaves room for thread-scheduling noise.
+# 2-core CPU: see docs/ablations.md ("Methods tried and not adopted"). The floor leaves room for thread-scheduling noise.
 TOY_300_AP50_MEASURED = 60.3
 TOY_300_AP50_FLOOR = 45.0
 
