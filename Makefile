@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.py tools/install_detectron2.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,export]"
+	$(PY) -m pip install -q -e ".[test,export,bench]"
 	$(PY) tools/install_detectron2.py
 	touch $@
 

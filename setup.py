@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="mobileformer-det",
-    version="0.1.0",
+    version="0.2.0",
     description="Mobile-Former (CVPR 2022) as a Detectron2 backbone, with MF-DETR, a DETR-style detector",
     packages=find_packages(include=["mobileformer_det", "mobileformer_det.*"]),
     python_requires=">=3.9",
@@ -23,5 +23,7 @@ setup(
         "test": ["pytest>=7"],
         # tools/export_onnx.py and the onnxruntime / openvino runtimes of the demo and benchmark
         "export": ["onnx>=1.14", "onnxruntime>=1.16", "openvino>=2024.0"],
+        # tools/benchmark.py --task peers: D-FINE, RT-DETRv2, Deformable DETR, DETR (Apache-2.0)
+        "bench": ["transformers>=5.0"],
     },
 )

@@ -6,4 +6,4 @@ Importing this package registers ``build_mobileformer_backbone`` in Detectron2's
 from . import modeling
 from .config import add_mobileformer_config, setup_cfg
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

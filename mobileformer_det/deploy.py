@@ -100,14 +100,15 @@ def onnx_session(path, threads, profile_prefix=None):
 
 def _onnx_session(path, threads):
     session = onnx_session(path, threads)
-    return lambda batch: session.run(None, {"images": batch})
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})
 
 
 def _openvino_model(path, threads):
     import openvino as ov
 
     compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
-    outputs = [compiled.output(name) for name in ("boxes", "scores", "labels")]
+    outputs = list(compiled.outputs)  # MF-DETR's graph: boxes, scores, labels
 
     def run(batch):
         result = compiled(batch)
@@ -117,7 +118,8 @@ def _openvino_model(path, threads):
 
 def graph_runner(path, runtime, threads):
     """A function running the exported graph at ``path`` with ``runtime`` ("onnxruntime" or
-    "openvino") on the CPU: ``[N, 3, H, W]`` float32 array -> [boxes, scores, labels] arrays."""
+    "openvino") on the CPU: ``[N, 3, H, W]`` float32 array -> its outputs as arrays ([boxes,
+    scores, labels] for MF-DETR's graph)."""
     return (_onnx_session if runtime == "onnxruntime" else _openvino_model)(path, threads)
 
 

@@ -190,3 +190,33 @@ def test_demo_json_scores_with_cocoeval_against_the_dataset(tmp_path, overfit_to
     evaluation.summarize()
     ap50 = 100 * evaluation.stats[1]
     assert ap50 > 80 and ap50 == pytest.approx(overfit_toy["result"]["AP50"], abs=1.0)
+
+
+@pytest.mark.parametrize("name, millions", [("D-FINE-N", 4), ("D-FINE-S", 10), ("RT-DETRv2-R18", 20)])
+def test_peers_are_the_published_models(name, millions):
+    """The transformers builds of the peers have the published models' parameter counts (to 10%,
+    the papers round them to the million), 80 classes and their decoder depth."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import peers
+
+    module, exportable = peers.build_peer(name)
+    params = sum(p.numel() for p in module.parameters()) / 1e6
+    assert abs(params - millions) <= 0.1 * millions, params
+    assert exportable and module.detector.config.num_labels == 80 and module.detector.config.decoder_layers == 3
+    with torch.no_grad():
+        logits, boxes = module(torch.rand(1, 3, 320, 320) * 255)   # >= 300 positions for its 300 queries
+    assert logits.shape[-1] == 80 and boxes.shape[-1] == 4 and (boxes >= 0).all() and (boxes <= 1).all()
+
+
+@pytest.mark.slow
+def test_benchmark_peers_times_mf_detr_beside_d_fine_in_one_table():
+    result = _tool("benchmark.py", "--config-file", os.path.join(ROOT, "configs", "mf_detr_26m.yaml"), "--task", "peers",
+                   "--peers", "D-FINE-N", "SSDLite320-MobileNetV3", "--input-size", 320, 320,
+                   "--runtime", "torch", "onnxruntime", "--runs", 1, "--warmup", 0)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line and "model" not in line}
+    assert list(rows) == ["MF-DETR mf26", "D-FINE-N", "SSDLite320-MobileNetV3"]
+    assert rows["D-FINE-N"][0] == "42.8" and rows["D-FINE-N"][-2:] == ["1.00", "1.00"]
+    assert all(float(v) > 0 for v in rows["MF-DETR mf26"][3:])                  # both runtimes timed, and ratios
+    assert rows["SSDLite320-MobileNetV3"][4] == "-" and "keeps NMS" in result.stdout   # eager only

@@ -8,6 +8,8 @@
     python tools/benchmark.py --config-file configs/mf_detr.yaml --task eval --input-size 800 1216 --breakdown
     python tools/benchmark.py --config-file configs/mf_detr.yaml configs/mf_detr_{294,214,151,96,52,26}m.yaml \
         --task variants --input-size 640 640 --runtime torch onnxruntime
+    python tools/benchmark.py --config-file configs/mf_detr_{26,52,96}m.yaml configs/mf_detr.yaml --task peers \
+        --input-size 640 640 --runtime torch onnxruntime
     python tools/benchmark.py --config-file configs/mf_detr_toy.yaml --task train
     python tools/benchmark.py --config-file configs/mf_detr_toy.yaml --task data
     python tools/benchmark.py --config-file configs/mf_detr_toy.yaml --task checks --images 118287
@@ -20,7 +22,10 @@ torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` (random weights: speed only)
 ``variants`` prints parameters, GFLOPs (as trained, and as the prepared model computes them:
 batch norm and neck folded) and the latency of each ``--runtime`` at batch 1 for each
 config's detector when given several configs (e.g. every variant's recipe, each with its own decoder),
-or for one config's detector on each of the seven backbones. ``--breakdown`` splits one inference
+or for one config's detector on each of the seven backbones. ``peers`` times each config's detector
+beside D-FINE, RT-DETRv2, Deformable DETR and DETR (Hugging Face ``transformers``) and torchvision's
+SSDLite and Faster R-CNN (``peers.py``; ``pip install -e ".[bench]"``), in one interleaved loop,
+with ratios to D-FINE-N. ``--breakdown`` splits one inference
 into parts (backbone stages, neck, query selection, decoder layers ...) beside their fvcore GFLOPs:
 eager PyTorch timed by hooks and, with ``--runtime onnxruntime``, the exported graph from ONNX
 Runtime's profile. On CUDA every timing is synchronised; ``--amp`` runs under autocast (float16 on CUDA, bfloat16 on the CPU).
@@ -153,9 +158,9 @@ def bench_eval(args, cfg):
     print(tabulate(rows, headers + (["peak GiB"] if device.type == "cuda" else []), tablefmt="pipe"))
 
 
-def time_interleaved(calls, device, runs, warmup):
+def time_interleaved(calls, device, runs, warmup, pause=0.05):
     """Seconds of ``runs`` calls of each function, taken in turns (a load that comes and goes on a
-    shared machine then hits all of them alike)."""
+    shared machine then hits all of them alike), ``pause`` seconds apart."""
     for fn in calls.values():
         for _ in range(warmup):
             fn()
@@ -167,6 +172,7 @@ def time_interleaved(calls, device, runs, warmup):
             fn()
             _sync(device)
             times[name].append(time.perf_counter() - start)
+            time.sleep(pause)  # ONNX Runtime's threads spin after a run: let them stop before the next timing
     return {name: np.array(t) for name, t in times.items()}
 
 
@@ -384,6 +390,81 @@ def bench_variants(args, cfgs):
                           *(f"{r} ms" for r in args.runtime)], tablefmt="pipe"))
 
 
+def bench_peers(args, cfgs):
+    """MF-DETR (each config's detector, deployed) beside today's small detectors (``peers.py``) at
+    ``--input-size``, batch 1, each ``--runtime`` (torch: eager; onnxruntime / openvino: the graph
+    exported here), all timed in one interleaved loop; parameters, fvcore GFLOPs (MF-DETR: as
+    trained and deployed) and each time's ratio to D-FINE-N's in the same runtime."""
+    import peers
+    from mobileformer_det.deploy import TensorDetector, export_onnx, graph_runner
+    from mobileformer_det.utils.flops import detector_flops_by_module, flop_count_analysis
+
+    height, width = args.input_size or (640, 640)
+    images = torch.randint(0, 256, (1, 3, height, width)).float()
+    array = images.numpy()
+    runtimes = [r for r in args.runtime if r in ("torch", "onnxruntime", "openvino")]
+    rows, calls, notes = {}, {}, []
+    tmpdir = tempfile.TemporaryDirectory()
+    for c in cfgs:
+        model = build_eval_model(c)
+        name = f"MF-DETR {c.MODEL.MOBILEFORMER.VARIANT}"
+        gflops, _ = detector_flops_by_module(model, height, width)
+        deployed_gflops, _ = detector_flops_by_module(copy.deepcopy(model).deploy(), height, width)
+        rows[name] = ["not measured", sum(p.numel() for p in model.parameters()) / 1e6,
+                      f"{gflops:.2f} ({deployed_gflops:.2f})"]
+        net = TensorDetector(copy.deepcopy(model).deploy())
+        graph = os.path.join(tmpdir.name, f"{len(rows)}.onnx")
+        if set(runtimes) - {"torch"}:
+            export_onnx(copy.deepcopy(model), graph, height, width)
+        for runtime in runtimes:
+            calls[(name, runtime)] = (lambda net=net: net(images)) if runtime == "torch" else \
+                (lambda run=graph_runner(graph, runtime, torch.get_num_threads()): run(array))
+    for name in args.peers:
+        module, exportable = peers.build_peer(name)
+        try:
+            gflops = f"{flop_count_analysis(module, (images,)).total() / 1e9:.2f}"
+        except Exception as e:  # fvcore cannot trace every peer's forward
+            gflops, _ = "-", notes.append(f"{name}: fvcore could not count its FLOPs ({type(e).__name__})")
+        rows[name] = [f"{peers.PUBLISHED[name][0]}", sum(p.numel() for p in module.parameters()) / 1e6, gflops]
+        graph = os.path.join(tmpdir.name, f"{len(rows)}.onnx")
+        for runtime in runtimes:
+            if runtime == "torch":
+                calls[(name, runtime)] = lambda module=module: module(images)
+                continue
+            if not exportable:
+                notes.append(f"{name}: no {runtime} figure (its graph keeps NMS and data-dependent shapes)")
+                continue
+            if not os.path.exists(graph):
+                try:
+                    with torch.no_grad():
+                        torch.onnx.export(module, (images,), graph, input_names=["images"], opset_version=17, dynamo=False)
+                except Exception as e:
+                    notes.append(f"{name}: ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                    break
+            try:
+                run = graph_runner(graph, runtime, torch.get_num_threads())
+                run(array)
+            except Exception as e:
+                notes.append(f"{name}: {runtime} cannot run its graph ({type(e).__name__}: {str(e).splitlines()[0][-160:]})")
+                continue
+            calls[(name, runtime)] = lambda run=run: run(array)
+    with tmpdir, torch.no_grad():
+        times = time_interleaved(calls, torch.device("cpu"), args.runs, args.warmup)
+    medians = {key: 1000 * np.median(t) for key, t in times.items()}
+    table = []
+    for name, (ap, params, gflops) in rows.items():
+        ms = [medians.get((name, r)) for r in runtimes]
+        ratios = [medians.get((name, r), np.nan) / medians.get(("D-FINE-N", r), np.nan) for r in runtimes]
+        table.append([name, ap, f"{params:.2f}", gflops, *("-" if m is None else f"{m:.1f}" for m in ms),
+                      *("-" if np.isnan(q) else f"{q:.2f}" for q in ratios)])
+    print(f"\nDetectors at {height}x{width}, batch 1, {torch.get_num_threads()} CPU threads, fp32, random weights "
+          f"(made distinct), {args.runs} interleaved runs after {args.warmup} warm-up; COCO AP: published")
+    print(tabulate(table, ["model", "COCO AP", "params (M)", "GFLOPs", *(f"{r} ms" for r in runtimes),
+                           *(f"{r} / D-FINE-N" for r in runtimes)], tablefmt="pipe", disable_numparse=True))
+    for note in notes:
+        print(f"- {note}")
+
+
 def bench_data(args, cfg):
     from mobileformer_det.data import register_datasets_from_config
 
@@ -434,7 +515,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", required=True, nargs="+", metavar="FILE",
                         help="one config; --task variants takes several (one row each)")
-    parser.add_argument("--task", choices=["eval", "train", "data", "checks", "variants"], default="eval")
+    parser.add_argument("--task", choices=["eval", "train", "data", "checks", "variants", "peers"], default="eval")
+    parser.add_argument("--peers", nargs="*", metavar="NAME", help="peers: the detectors beside MF-DETR (default: all of "
+                        "D-FINE-N, D-FINE-S, RT-DETRv2-R18, Deformable DETR-R50, DETR-R50, SSDLite320-MobileNetV3, "
+                        "FRCNN-MobileNetV3-FPN; pip install -e '.[bench]')")
     parser.add_argument("--images", type=int, default=118287, help="checks: images in the listing (COCO train2017's)")
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
     parser.add_argument("--compare-size", nargs=2, type=int, metavar=("H", "W"),
@@ -461,9 +545,16 @@ def main(argv=None):
     if n == 0:
         parser.error(f"--config-file needs a .yaml file, got {args.config_file[0]!r}")
     args.config_file, args.opts = args.config_file[:n], args.config_file[n:] + args.opts
-    if args.task == "variants" and args.onnx:
-        parser.error("--task variants exports each variant's graph itself: drop --onnx")
-    if args.task != "variants" and len(args.config_file) > 1:
+    if args.task in ("variants", "peers") and args.onnx:
+        parser.error(f"--task {args.task} exports each variant's graph itself: drop --onnx")
+    if args.task == "peers":
+        import peers
+
+        args.peers = list(peers.BUILDERS) if args.peers is None else args.peers
+        unknown = sorted(set(args.peers) - set(peers.BUILDERS))
+        if unknown:
+            parser.error(f"--peers: unknown {unknown}; choose among {list(peers.BUILDERS)}")
+    if args.task not in ("variants", "peers") and len(args.config_file) > 1:
         parser.error(f"--task {args.task} takes one --config-file, got {len(args.config_file)}")
     setup_logger(name="fvcore")
     logging.getLogger("detectron2").setLevel(logging.WARNING)
@@ -478,6 +569,8 @@ def main(argv=None):
           f"AMP: {args.amp}; runs: {args.runs} after {args.warmup} warm-up")
     if args.task == "variants":
         bench_variants(args, cfgs)
+    elif args.task == "peers":
+        bench_peers(args, cfgs)
     elif args.task == "eval" and args.breakdown:
         bench_breakdown(args, cfg)
     else:
