@@ -72,3 +72,9 @@ def image_input(seed, h, w, **extra):
     """A Detectron2 input dict holding a random ``[3, h, w]`` uint8 image (and ``extra`` keys)."""
     g = torch.Generator().manual_seed(seed)
     return {"image": torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8), **extra}
+
+
+def encode(model, batched_inputs):
+    """The transformer's inputs (``MFDETR.encode``) for a Detectron2 batch, as ``MFDETR.forward`` builds them."""
+    images = model.preprocess_image(batched_inputs)
+    return model.encode(images.tensor, model.padded_sizes(images))

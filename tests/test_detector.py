@@ -8,7 +8,7 @@ import torch
 from detectron2.modeling import build_model, detector_postprocess
 from torchvision.ops import box_convert, generalized_box_iou
 
-from helpers import image_input, make_instances, toy_cfg
+from helpers import encode, image_input, make_instances, toy_cfg
 from mobileformer_det.modeling import VARIANTS, MFDETR
 from mobileformer_det.modeling.detr import HungarianMatcher, SetCriterion
 from mobileformer_det.modeling.detr.matcher import focal_class_cost
@@ -221,12 +221,11 @@ def test_padding_slots_of_denoising_do_not_change_real_queries():
 
     torch.manual_seed(0)
     model = build_model(toy_cfg("MODEL.MF_DETR.DECODER.NUM_LAYERS", 2)).eval()
-    images = model.preprocess_image([image_input(0, 64, 96), image_input(1, 64, 96)])
     targets = [{"labels": torch.tensor([1, 2, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4],
                                                                            [0.5, 0.5, 0.4, 0.4]])},
                {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
     with torch.no_grad():
-        encoded = model.encode(images.tensor, model.padded_sizes(images))
+        encoded = encode(model, [image_input(0, 64, 96), image_input(1, 64, 96)])
         dn = build_denoising_queries(targets, 4, 6, 0.0, 0.4, model.transformer.num_queries, model.transformer.label_embed)
         before, _ = model.transformer(**encoded, denoising=dn)
         padding = ~dn["valid"]

@@ -13,7 +13,7 @@ import torch
 from detectron2.modeling import build_model
 from PIL import Image
 
-from helpers import ROOT, toy_cfg
+from helpers import ROOT, encode, toy_cfg
 from mobileformer_det.deploy import Predictor, TensorDetector, letterbox
 
 TOY_CONFIG = os.path.join(ROOT, "configs", "mf_detr_toy.yaml")
@@ -141,8 +141,7 @@ def test_two_stage_box_head_on_the_selected_positions_only(nms):
     model = build_model(toy_cfg("MODEL.MF_DETR.PROPOSALS.NMS_THRESH", nms)).eval()
     transformer = model.transformer
     with torch.no_grad():
-        images = model.preprocess_image([{"image": torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)}])
-        encoded = model.encode(images.tensor, model.padded_sizes(images))
+        encoded = encode(model, [{"image": torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)}])
         _, proposals = transformer._select_queries(encoded["memory"], encoded["padding_mask"],
                                                    encoded["spatial_shapes"], encoded["valid_ratios"],
                                                    transformer.num_queries)

@@ -7,7 +7,7 @@ import torch
 from detectron2.modeling import build_model
 from torchvision.ops import box_convert, box_iou
 
-from helpers import image_input, make_instances, toy_cfg
+from helpers import encode, image_input, make_instances, toy_cfg
 from mobileformer_det.modeling.detr import HungarianMatcher, SetCriterion
 from mobileformer_det.modeling.detr.assigner import AnchorAssigner
 from mobileformer_det.modeling.detr.query_selection import fast_nms_order
@@ -53,8 +53,7 @@ def test_look_forward_twice_keeps_the_boxes_and_trains_the_previous_head_by_the_
     lft.load_state_dict(plain.state_dict())
     gradients = []
     for model in (plain, lft):
-        images = model.preprocess_image(training_batch())
-        encoded = model.encode(images.tensor, model.padded_sizes(images))
+        encoded = encode(model, training_batch())
         outputs, _ = model.transformer(**encoded)
         # the last layer's boxes only: does the gradient reach layer 0's box head?
         outputs[-1][1].sum().backward()
@@ -147,8 +146,7 @@ def test_one_to_many_queries_are_training_only_and_invisible_to_the_one_to_one_q
 
     targets = model.prepare_targets([x["instances"] for x in training_batch()], [(64, 96), (80, 72)])
     with torch.no_grad():
-        images = model.preprocess_image(training_batch())
-        encoded = model.encode(images.tensor, model.padded_sizes(images))
+        encoded = encode(model, training_batch())
         dn = build_denoising_queries(targets, 4, 30, 0.0, 0.4, 30 + 40, transformer.label_embed)
         outputs, _ = transformer(**encoded, denoising=dn)
         d = dn["query"].shape[1]
@@ -163,8 +161,7 @@ def test_one_to_many_queries_are_training_only_and_invisible_to_the_one_to_one_q
 
     model.eval()
     with torch.no_grad():
-        images = model.preprocess_image([image_input(2, 64, 96)])
-        encoded = model.encode(images.tensor, model.padded_sizes(images))
+        encoded = encode(model, [image_input(2, 64, 96)])
         outputs, enc = transformer(**encoded)
     assert outputs[-1][0].shape[1] == 30 and enc["pred_logits"].shape[1] == 30
 

@@ -408,11 +408,12 @@ def bench_peers(args, cfgs):
     for c in cfgs:
         model = build_eval_model(c)
         name = f"MF-DETR {c.MODEL.MOBILEFORMER.VARIANT}"
+        deployed = copy.deepcopy(model).deploy()
         gflops, _ = detector_flops_by_module(model, height, width)
-        deployed_gflops, _ = detector_flops_by_module(copy.deepcopy(model).deploy(), height, width)
+        deployed_gflops, _ = detector_flops_by_module(deployed, height, width)
         rows[name] = ["not measured", sum(p.numel() for p in model.parameters()) / 1e6,
                       f"{gflops:.2f} ({deployed_gflops:.2f})"]
-        net = TensorDetector(copy.deepcopy(model).deploy())
+        net = TensorDetector(deployed)
         graph = os.path.join(tmpdir.name, f"{len(rows)}.onnx")
         if set(runtimes) - {"torch"}:
             export_onnx(copy.deepcopy(model), graph, height, width)
@@ -424,7 +425,8 @@ def bench_peers(args, cfgs):
         try:
             gflops = f"{flop_count_analysis(module, (images,)).total() / 1e9:.2f}"
         except Exception as e:  # fvcore cannot trace every peer's forward
-            gflops, _ = "-", notes.append(f"{name}: fvcore could not count its FLOPs ({type(e).__name__})")
+            gflops = "-"
+            notes.append(f"{name}: fvcore could not count its FLOPs ({type(e).__name__})")
         rows[name] = [f"{peers.PUBLISHED[name][0]}", sum(p.numel() for p in module.parameters()) / 1e6, gflops]
         graph = os.path.join(tmpdir.name, f"{len(rows)}.onnx")
         for runtime in runtimes:
