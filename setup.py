@@ -23,7 +23,8 @@ setup(
         "test": ["pytest>=7"],
         # tools/export_onnx.py and the onnxruntime / openvino runtimes of the demo and benchmark
         "export": ["onnx>=1.14", "onnxruntime>=1.16", "openvino>=2024.0"],
-        # tools/benchmark.py --task peers: D-FINE, RT-DETRv2, Deformable DETR, DETR (Apache-2.0)
+        # tools/benchmark.py --task peers (D-FINE, RT-DETRv2, Deformable DETR, DETR; Apache-2.0) and
+        # tools/compare_learning.py (D-FINE-N trained beside MF-DETR)
         "bench": ["transformers>=5.0"],
     },
 )

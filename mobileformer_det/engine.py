@@ -41,8 +41,9 @@ _NO_DECAY_NAMES = ("bias", "in_proj_bias", "tokens", "level_embed")
 
 
 def build_optimizer(cfg, model):
-    """AdamW (or SGD) with ``SOLVER.BACKBONE_MULTIPLIER`` on backbone parameters and no weight decay
-    on norms, biases, embeddings, global tokens and level embeddings.
+    """AdamW (or SGD) with ``SOLVER.BACKBONE_MULTIPLIER`` on backbone parameters (those of any
+    module named ``backbone``, at whatever depth: also a wrapped peer's) and no weight decay on
+    norms, biases, embeddings, global tokens and level embeddings.
 
     Parameters are grouped by (lr, weight decay) (Detectron2's ``reduce_param_groups``): a handful
     of groups, so that PyTorch's multi-tensor (foreach) or fused implementation does one pass per
@@ -56,7 +57,7 @@ def build_optimizer(cfg, model):
                 continue
             seen.add(param)
             lr = cfg.SOLVER.BASE_LR
-            if module_name == "backbone" or module_name.startswith("backbone."):
+            if "backbone" in module_name.split("."):
                 lr *= cfg.SOLVER.BACKBONE_MULTIPLIER
             no_decay = isinstance(module, _NO_DECAY_MODULES) or name in _NO_DECAY_NAMES
             params.append({"params": [param], "lr": lr, "weight_decay": 0.0 if no_decay else cfg.SOLVER.WEIGHT_DECAY})

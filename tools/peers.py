@@ -7,9 +7,17 @@ Each builder returns ``(module, exportable)``: ``module(images [N, 3, H, W] floa
 runs the detector's network (the ImageNet normalisation inside, as MF-DETR's graph has it);
 ``exportable`` says whether its graph is fixed-size (torchvision's detectors keep NMS and
 data-dependent shapes in theirs: eager only).
+
+:class:`DFineDetector` puts D-FINE behind Detectron2's model interface, so that
+``compare_learning.py`` trains and evaluates it with MF-DETR's trainer, data and evaluator.
 """
 import torch
+from detectron2.modeling import META_ARCH_REGISTRY, detector_postprocess
+from detectron2.structures import ImageList
 from torch import nn
+from torchvision.ops import box_convert
+
+from mobileformer_det.modeling.detr.postprocess import PostProcess
 
 # Published COCO AP (val2017) and parameter counts (M) of the configurations built here.
 PUBLISHED = {
@@ -45,10 +53,10 @@ class _TorchvisionDetector(nn.Module):
         return self.detector(list(images / 255.0))
 
 
-def _d_fine(size):
+def _d_fine(size, num_labels=80, num_queries=300):
     from transformers import DFineConfig, DFineForObjectDetection
 
-    config = DFineConfig(num_labels=80)
+    config = DFineConfig(num_labels=num_labels, num_queries=num_queries)
     b = config.backbone_config
     b.stem_channels = [3, 16, 16]
     b.stage_in_channels, b.stage_mid_channels = [16, 64, 256, 512], [16, 32, 64, 128]
@@ -132,3 +140,48 @@ def build_peer(name, seed=0):
         for p in module.parameters():
             p.add_(1e-3 * torch.randn(p.shape, generator=generator).to(p))
     return module, exportable
+
+
+@META_ARCH_REGISTRY.register()
+class DFineDetector(nn.Module):
+    """D-FINE-N (transformers' ``DFineForObjectDetection``, random init) as a Detectron2 meta
+    architecture: trained with its own losses (VFL, L1, GIoU, FGL, DDF; its denoising queries) and
+    post-processed by MF-DETR's :class:`PostProcess` (top-k of the sigmoid scores, the same
+    ``MODEL.MF_DETR.TEST`` threshold and NMS).
+
+    Reads ``MODEL.MF_DETR.NUM_CLASSES`` and ``NUM_QUERIES`` (D-FINE's 300 queries need 300 map
+    positions at strides 16 and 32, more than small images have). Images go in as D-FINE takes
+    them: RGB scaled to [0, 1], no mean or std, zero-padded at the bottom and right to a multiple
+    of 32 (D-FINE has no padding mask; its boxes are relative to the padded tensor).
+    """
+
+    size_divisibility = 32
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.INPUT.FORMAT != "RGB":
+            raise ValueError(f"D-FINE takes RGB images: set INPUT.FORMAT RGB, got {cfg.INPUT.FORMAT!r}")
+        self.detector = _d_fine("N", cfg.MODEL.MF_DETR.NUM_CLASSES, cfg.MODEL.MF_DETR.NUM_QUERIES)
+        self.postprocess = PostProcess.from_config(cfg)
+        self.register_buffer("anchor", torch.zeros(()), False)  # follows .to(device)
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def forward(self, batched_inputs):
+        images = ImageList.from_tensors([x["image"].to(self.device).float() / 255.0 for x in batched_inputs],
+                                        self.size_divisibility)
+        h, w = images.tensor.shape[-2:]
+        if self.training:
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+            labels = [{"class_labels": inst.gt_classes.to(self.device),
+                       "boxes": box_convert(inst.gt_boxes.tensor.to(self.device) / scale, "xyxy", "cxcywh")}
+                      for inst in (x["instances"] for x in batched_inputs)]
+            return dict(self.detector(pixel_values=images.tensor, labels=labels).loss_dict)
+        out = self.detector(pixel_values=images.tensor)
+        padded = torch.tensor([[h, w]], dtype=torch.float32, device=self.device).expand(len(batched_inputs), 2)
+        boxes, scores, labels = self.postprocess(out.logits, out.pred_boxes, padded)
+        return [{"instances": detector_postprocess(self.postprocess.select(b, s, l, size),
+                                                   x.get("height", size[0]), x.get("width", size[1]))}
+                for b, s, l, x, size in zip(boxes, scores, labels, batched_inputs, images.image_sizes)]

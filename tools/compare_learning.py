@@ -1,0 +1,238 @@
+#!/usr/bin/env python
+"""MF-DETR beside D-FINE-N, trained the same way for the same CPU time, over several seeds.
+
+    python tools/compare_learning.py --config-file configs/mf_detr_toy.yaml --seeds 0 1 2
+    python tools/compare_learning.py --config-file configs/mf_detr_toy_crowd.yaml --models mf52 mf26 D-FINE-N
+    python tools/compare_learning.py --config-file configs/mf_detr_toy.yaml --lr-factors 0.5 1 2 --seeds 0 \
+        --schedule 0.5
+
+Every model trains through this project's ``Trainer`` on the config's datasets: the same images,
+augmentations, batch size, test size, ``COCOEvaluator``, post-processing (top-k, threshold, NMS of
+``MODEL.MF_DETR.TEST``) and learning-rate schedule shape (warm-up, steps). ``mfXX`` is MF-DETR as
+the config builds it on that backbone variant (by default the config's own); ``D-FINE-N`` is
+transformers' ``DFineForObjectDetection`` in the nano configuration (HGNetV2-B0, 2 levels, 3
+decoder layers, width 128; ``peers.DFineDetector``), from random weights like MF-DETR here, with
+its own losses and its published optimiser settings (AdamW, lr 8e-4, backbone x0.5, weight decay
+1e-4, gradient norm clipped to 0.1), with ``MODEL.MF_DETR.NUM_QUERIES`` queries.
+
+**Equal time.** First the training step of every model is timed on this machine, the models taking
+turns (``--calibration-rounds``), so that a load that comes and goes hits them alike. The first
+model of ``--models`` (or ``--reference``) trains the config's ``SOLVER.MAX_ITER`` x ``--schedule``
+iterations; every other model the iterations that take the same time at its measured step time, with its warm-up,
+learning-rate steps and ``--points`` evaluations at the same fractions of its schedule: the
+evaluations are at equal training time. The measured step times are kept in
+``OUTPUT/calibration.json`` and reused by a later call with the same models (``--recalibrate``
+measures again), and a finished run (``result.json`` in its folder) is not trained again: a
+comparison can be split over several calls, e.g. one per seed, and interrupted.
+
+Prints a table of AP / AP50 / AP75 (mean and standard deviation over the seeds) at each point, with
+the training minutes it stands for, and writes it with every run's figures to ``OUTPUT/results.json``.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+import torch
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import EventStorage
+from detectron2.utils.logger import setup_logger
+from tabulate import tabulate
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peers  # noqa: E402 (registers DFineDetector)
+from benchmark import time_interleaved  # noqa: E402
+
+from mobileformer_det import setup_cfg  # noqa: E402
+from mobileformer_det.data import register_datasets_from_config  # noqa: E402
+from mobileformer_det.engine import Trainer  # noqa: E402
+
+logger = logging.getLogger("mobileformer_det")
+
+# D-FINE-N's published optimiser (configs/dfine/dfine_hgnetv2_n_coco.yml of the D-FINE repository).
+PEER_OVERRIDES = {
+    "D-FINE-N": ["MODEL.META_ARCHITECTURE", peers.DFineDetector.__name__, "SOLVER.OPTIMIZER", "ADAMW",
+                 "SOLVER.BASE_LR", 8e-4, "SOLVER.BACKBONE_MULTIPLIER", 0.5, "SOLVER.WEIGHT_DECAY", 1e-4,
+                 "SOLVER.CLIP_GRADIENTS.ENABLED", True, "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 0.1],
+}
+
+
+def model_overrides(name):
+    """Config overrides that turn the config's detector into model ``name``."""
+    if name in PEER_OVERRIDES:
+        return list(PEER_OVERRIDES[name])
+    if name.startswith("mf"):
+        return ["MODEL.MOBILEFORMER.VARIANT", name]
+    raise ValueError(f"unknown model {name!r}: mfXX (MF-DETR on that backbone variant) or {list(PEER_OVERRIDES)}")
+
+
+def build_cfg(args, name, extra=()):
+    cfg = setup_cfg(args.config_file, list(args.opts) + model_overrides(name) + list(extra), freeze=False)
+    cfg.freeze()
+    return cfg
+
+
+def calibrate(args, names):
+    """Seconds per training step of each model, timed in turns on the config's training data."""
+    trainers = {}
+    for name in names:
+        cfg = build_cfg(args, name, ["OUTPUT_DIR", os.path.join(args.output, "calibration", name)])
+        seed_all_rng(0)
+        trainers[name] = Trainer(cfg)
+    with EventStorage(0):
+        calls = {name: (lambda t=t: [t.run_step() for _ in range(args.calibration_steps)]) for name, t in trainers.items()}
+        times = time_interleaved(calls, torch.device("cpu"), args.calibration_rounds, warmup=1, pause=0.0)
+    return {name: float(np.median(t)) / args.calibration_steps for name, t in times.items()}
+
+
+def schedule(cfg, iters, points):
+    """Overrides that stretch the config's schedule to ``iters`` iterations (a multiple of ``points``)
+    with ``points`` evaluations: warm-up and learning-rate steps at the same fractions."""
+    scale = iters / cfg.SOLVER.MAX_ITER
+    return ["SOLVER.MAX_ITER", iters, "SOLVER.STEPS", tuple(max(1, round(s * scale)) for s in cfg.SOLVER.STEPS),
+            "SOLVER.WARMUP_ITERS", max(1, round(cfg.SOLVER.WARMUP_ITERS * scale)),
+            "TEST.EVAL_PERIOD", iters // points, "SOLVER.CHECKPOINT_PERIOD", iters]
+
+
+def evaluations(output_dir, iterations):
+    """``[(iterations trained, AP, AP50, AP75)]`` and the median seconds per iteration, from ``metrics.json``."""
+    points, times = [], []
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "bbox/AP" in row:
+                # a periodic evaluation is logged at its step's index, the final one after the last step
+                points.append((min(row["iteration"] + 1, iterations), row["bbox/AP"], row["bbox/AP50"], row["bbox/AP75"]))
+            if "time" in row:
+                times.append(row["time"])
+    return points, float(np.median(times)) if times else float("nan")
+
+
+def train_one(args, name, lr_factor, seed, iters):
+    """Train model ``name`` for ``iters`` iterations (or read the result of a finished run)."""
+    out = os.path.join(args.output, name, f"lr{lr_factor:g}", f"seed{seed}")
+    done = os.path.join(out, "result.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            result = json.load(f)
+        if result["iterations"] == iters:
+            logger.info(f"{name} lr x{lr_factor:g} seed {seed}: finished earlier ({done})")
+            return result
+    base = build_cfg(args, name)
+    cfg = build_cfg(args, name, schedule(base, iters, args.points) + [
+        "SEED", seed, "SOLVER.BASE_LR", base.SOLVER.BASE_LR * lr_factor, "OUTPUT_DIR", out])
+    if os.path.exists(os.path.join(out, "metrics.json")):
+        os.remove(os.path.join(out, "metrics.json"))  # an interrupted run's: this one starts afresh
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        f.write(cfg.dump())
+    logger.info(f"training {name} (lr {cfg.SOLVER.BASE_LR:g}, seed {seed}) for {iters} iterations into {out}")
+    seed_all_rng(seed)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    points, s_per_iter = evaluations(out, iters)
+    result = {"model": name, "lr": cfg.SOLVER.BASE_LR, "lr_factor": lr_factor, "seed": seed, "iterations": iters,
+              "s_per_iter": s_per_iter, "points": points}
+    with open(done, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def table(results, step_times, points):
+    """Rows per (model, lr): s/iter, then mean +- std over seeds of AP/AP50/AP75 at each point."""
+    groups = {}
+    for r in results:
+        groups.setdefault((r["model"], r["lr"]), []).append(r)
+    headers = ["model", "lr", "seeds", "iterations", "s/iter (timed in turns)"]
+    rows = []
+    for (name, lr), runs in groups.items():
+        row = [name, f"{lr:g}", " ".join(str(r["seed"]) for r in runs), runs[0]["iterations"], f"{step_times[name]:.3f}"]
+        for k in range(points):
+            values = np.array([r["points"][k][1:] for r in runs if len(r["points"]) > k])
+            if len(values) == 0:
+                row.append("-")
+                continue
+            mean, std = values.mean(0), values.std(0)
+            row.append(" / ".join(f"{m:.1f}" for m in mean) + f" (+-{std[0]:.1f})")
+        rows.append(row)
+    first = next(iter(groups.values()), [{"model": None, "points": []}])[0]
+    minutes = [step_times[first["model"]] * it / 60 for it, *_ in first["points"]]  # the same for every model
+    for k in range(points):
+        headers.append(f"AP / AP50 / AP75 at {minutes[k]:.1f} min" if k < len(minutes) else f"point {k + 1}")
+    return tabulate(rows, headers, tablefmt="pipe")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="mfXX (MF-DETR on that backbone variant) or D-FINE-N (default: the config's "
+                             "variant, D-FINE-N)")
+    parser.add_argument("--reference", default=None,
+                        help="the model that trains the config's schedule; the others train as long (default: "
+                             "the first of --models)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--lr-factors", type=float, nargs="+", default=[1.0],
+                        help="multiply each model's SOLVER.BASE_LR by these (a learning-rate sweep)")
+    parser.add_argument("--schedule", type=float, default=1.0,
+                        help="fraction of the config's SOLVER.MAX_ITER the first model trains")
+    parser.add_argument("--points", type=int, default=3, help="evaluations per run, at equal fractions of its time")
+    parser.add_argument("--calibration-rounds", type=int, default=5)
+    parser.add_argument("--calibration-steps", type=int, default=4, help="training steps per model per round")
+    parser.add_argument("--recalibrate", action="store_true", help="time the steps again instead of reusing calibration.json")
+    parser.add_argument("--output", default=None, help="default: output/compare_learning/<config name>")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides for every model")
+    args = parser.parse_args(argv)
+    if args.models is None:
+        args.models = [setup_cfg(args.config_file, args.opts).MODEL.MOBILEFORMER.VARIANT, "D-FINE-N"]
+    args.reference = args.reference or args.models[0]
+    for name in {*args.models, args.reference}:
+        try:
+            model_overrides(name)
+        except ValueError as e:
+            parser.error(f"--models: {e}")
+    if args.schedule <= 0 or args.points < 1:
+        parser.error("--schedule must be > 0 and --points >= 1")
+    args.output = args.output or os.path.join("output", "compare_learning",
+                                              os.path.splitext(os.path.basename(args.config_file))[0])
+    os.makedirs(args.output, exist_ok=True)
+    setup_logger(args.output, name="mobileformer_det", abbrev_name="mfdet")
+    setup_logger(args.output)
+    cfg = build_cfg(args, args.reference)
+    timed = list(dict.fromkeys([args.reference, *args.models]))
+    register_datasets_from_config(cfg)
+
+    calibration_file = os.path.join(args.output, "calibration.json")
+    step_times = None
+    if os.path.exists(calibration_file) and not args.recalibrate:
+        with open(calibration_file) as f:
+            saved = json.load(f)
+        if set(timed) <= set(saved):
+            step_times = saved
+            logger.info(f"step times from {calibration_file}: {saved} (--recalibrate to measure again)")
+    if step_times is None:
+        step_times = calibrate(args, timed)
+        with open(calibration_file, "w") as f:
+            json.dump(step_times, f, indent=1)
+    reference = args.reference
+    base_iters = cfg.SOLVER.MAX_ITER * args.schedule
+    results = []
+    for lr_factor in args.lr_factors:
+        for seed in args.seeds:
+            for name in args.models:
+                iters = base_iters * step_times[reference] / step_times[name]
+                iters = max(args.points, int(round(iters / args.points)) * args.points)
+                results.append(train_one(args, name, lr_factor, seed, iters))
+    text = table(results, step_times, args.points)
+    print(text)
+    with open(os.path.join(args.output, "results.json"), "w") as f:
+        json.dump({"config": args.config_file, "opts": args.opts, "step_times": step_times, "runs": results,
+                   "table": text}, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
