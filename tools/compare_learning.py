@@ -69,9 +69,7 @@ def model_overrides(name):
 
 
 def build_cfg(args, name, extra=()):
-    cfg = setup_cfg(args.config_file, list(args.opts) + model_overrides(name) + list(extra), freeze=False)
-    cfg.freeze()
-    return cfg
+    return setup_cfg(args.config_file, list(args.opts) + model_overrides(name) + list(extra))
 
 
 def calibrate(args, names):
@@ -178,7 +176,7 @@ def main(argv=None):
     parser.add_argument("--lr-factors", type=float, nargs="+", default=[1.0],
                         help="multiply each model's SOLVER.BASE_LR by these (a learning-rate sweep)")
     parser.add_argument("--schedule", type=float, default=1.0,
-                        help="fraction of the config's SOLVER.MAX_ITER the first model trains")
+                        help="fraction of the config's SOLVER.MAX_ITER the reference model trains")
     parser.add_argument("--points", type=int, default=3, help="evaluations per run, at equal fractions of its time")
     parser.add_argument("--calibration-rounds", type=int, default=5)
     parser.add_argument("--calibration-steps", type=int, default=4, help="training steps per model per round")
@@ -217,13 +215,12 @@ def main(argv=None):
         step_times = calibrate(args, timed)
         with open(calibration_file, "w") as f:
             json.dump(step_times, f, indent=1)
-    reference = args.reference
     base_iters = cfg.SOLVER.MAX_ITER * args.schedule
     results = []
     for lr_factor in args.lr_factors:
         for seed in args.seeds:
             for name in args.models:
-                iters = base_iters * step_times[reference] / step_times[name]
+                iters = base_iters * step_times[args.reference] / step_times[name]
                 iters = max(args.points, int(round(iters / args.points)) * args.points)
                 results.append(train_one(args, name, lr_factor, seed, iters))
     text = table(results, step_times, args.points)

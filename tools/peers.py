@@ -163,11 +163,10 @@ class DFineDetector(nn.Module):
             raise ValueError(f"D-FINE takes RGB images: set INPUT.FORMAT RGB, got {cfg.INPUT.FORMAT!r}")
         self.detector = _d_fine("N", cfg.MODEL.MF_DETR.NUM_CLASSES, cfg.MODEL.MF_DETR.NUM_QUERIES)
         self.postprocess = PostProcess.from_config(cfg)
-        self.register_buffer("anchor", torch.zeros(()), False)  # follows .to(device)
 
     @property
     def device(self):
-        return self.anchor.device
+        return next(self.detector.parameters()).device
 
     def forward(self, batched_inputs):
         images = ImageList.from_tensors([x["image"].to(self.device).float() / 255.0 for x in batched_inputs],
