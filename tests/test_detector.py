@@ -299,3 +299,21 @@ def test_a_training_step_copies_to_the_host_once():
         losses = model(batch)
     sum(losses.values()).backward()
     assert len(syncs.calls) == 1 and syncs.calls[0].startswith("cpu at matcher.py"), syncs.calls
+
+
+def test_two_stage_anchor_validity_is_exact_on_every_map_width():
+    """A proposal anchor is valid when its centre lies in (0.01, 0.99) of the valid image. The
+    centre (x + 0.5) / v of column x of v valid ones falls exactly on 0.01 or 0.99 when v is 50 x
+    an odd number, where rounding (which differs between PyTorch, ONNX Runtime and OpenVINO) would
+    decide: the rule resolves those ties (the first such column valid, the last invalid) and gives
+    every other column its exact rational answer, padded or not, up to 2500-position maps."""
+    from mobileformer_det.modeling.detr.query_selection import grid_anchors
+
+    for padded in list(range(1, 400)) + [1000, 1500, 2500]:
+        for v in sorted({padded, max(1, padded - 3), max(1, padded // 2), max(1, padded - 17)}):
+            padding = torch.arange(padded)[None].repeat(2, 1).flatten()[None] >= v       # 2 rows of the map
+            ratios = torch.tensor([[[v / padded, 1.0]]])
+            _, valid = grid_anchors([(2, padded)], ratios, padding)
+            x = torch.arange(padded)
+            exact = ((2 * x + 1) * 100 >= 2 * v) & ((2 * x + 1) * 100 < 198 * v) & (x < v)
+            assert valid[0, :padded].tolist() == exact.tolist(), (padded, v)

@@ -188,6 +188,6 @@ def test_onnxruntime_cuda_provider_equals_pytorch(tmp_path):
     with torch.no_grad():
         expected = [t.numpy() for t in TensorDetector(model)(images)]
     session = ort.InferenceSession(path, providers=["CUDAExecutionProvider"])
-    got = session.run(None, {"images": images.numpy()})
+    got = session.run(None, {"images": images.numpy(), "image_sizes": np.array([[128, 160]])})
     np.testing.assert_allclose(got[1], expected[1], atol=1e-3)
     np.testing.assert_allclose(got[0], expected[0], atol=0.5)

@@ -312,14 +312,16 @@ def test_a_training_set_whose_images_are_all_missing_stops_before_the_model(tmp_
 
 @pytest.mark.slow
 def test_a_graph_exported_for_another_class_count_is_refused(tmp_path, toy_weights, caplog):
-    """...and one exported smaller than the config's test size is warned about."""
+    """...and an image that does not fit one exported smaller than the config's test size is warned about."""
     from helpers import toy_cfg
     from mobileformer_det.deploy import Predictor, export_onnx, load_model
 
     path = str(tmp_path / "toy.onnx")
     export_onnx(load_model(toy_cfg("MODEL.WEIGHTS", toy_weights)), path, 64, 64)
+    predictor = Predictor(toy_cfg(), "onnxruntime", onnx_path=path)
     with caplog.at_level(logging.WARNING):
-        Predictor(toy_cfg(), "onnxruntime", onnx_path=path)
-    assert "takes 64x64 images" in caplog.text and "evaluation resizes them to 160 (INPUT.MIN_SIZE_TEST)" in caplog.text
+        found = predictor(np.zeros((128, 160, 3), dtype=np.uint8))
+    assert found.image_size == (128, 160)
+    assert "an image of 160x200 after the test resize does not fit the network's 64x64: shrunk" in caplog.text
     with pytest.raises(ValueError, match="exported for 4 classes, but the config has MODEL.MF_DETR.NUM_CLASSES 80"):
         Predictor(toy_cfg("MODEL.MF_DETR.NUM_CLASSES", 80), "onnxruntime", onnx_path=path)

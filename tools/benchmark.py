@@ -6,6 +6,8 @@
     python tools/benchmark.py --config-file configs/mf_detr.yaml --task eval --input-size 800 1216 \
         --runtime plain torch onnxruntime openvino --batch-sizes 1
     python tools/benchmark.py --config-file configs/mf_detr.yaml --task eval --input-size 800 1216 --breakdown
+    python tools/benchmark.py --config-file configs/mf_detr_26m.yaml --task eval --input-size 640 640 \
+        --runtime onnxruntime onnxruntime-unmasked openvino openvino-unmasked --batch-sizes 1
     python tools/benchmark.py --config-file configs/mf_detr.yaml configs/mf_detr_{294,214,151,96,52,26}m.yaml \
         --task variants --input-size 640 640 --runtime torch onnxruntime
     python tools/benchmark.py --config-file configs/mf_detr_{26,52,96}m.yaml configs/mf_detr.yaml --task peers \
@@ -105,12 +107,12 @@ def _runners(args, cfg, model, height, width, tmpdir):
             def make(batch, net=net):
                 images = torch.randint(0, 256, (batch, 3, height, width), device=device).float()
                 return lambda: net(images)
-        else:
-            path = args.onnx or os.path.join(tmpdir, "model.onnx")
-            if not args.onnx and not os.path.exists(path):
-                export_onnx(copy.deepcopy(model), path, height, width,
-                            dynamic_batch=True)
-            run = graph_runner(path, runtime, torch.get_num_threads())
+        else:  # onnxruntime / openvino, or their -unmasked graph (no image_sizes input)
+            masked = not runtime.endswith("-unmasked")
+            path = (masked and args.onnx) or os.path.join(tmpdir, f"model{'' if masked else '-unmasked'}.onnx")
+            if not os.path.exists(path):
+                export_onnx(copy.deepcopy(model), path, height, width, dynamic_batch=True, masked=masked)
+            run = graph_runner(path, runtime.split("-")[0], torch.get_num_threads())
 
             def make(batch, run=run):
                 images = np.random.randint(0, 256, (batch, 3, height, width)).astype(np.float32)
@@ -246,7 +248,7 @@ def bench_breakdown(args, cfg):
     """Milliseconds per part of one image's inference, plain model and prepared (batch norm and
     neck folded, channels-last backbone), and, with ``--runtime onnxruntime``, the exported graph (profiled by
     ONNX Runtime), interleaved, beside each part's GFLOPs."""
-    from mobileformer_det.deploy import export_onnx, onnx_session
+    from mobileformer_det.deploy import export_onnx, graph_feed, onnx_session
 
     height, width = args.input_size or (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST)
     plain = build_eval_model(cfg)
@@ -283,7 +285,8 @@ def bench_breakdown(args, cfg):
         if "onnxruntime" in args.runtime:
             session = onnx_session(path, torch.get_num_threads(), profile_prefix=os.path.join(tmpdir.name, "profile"))
             images = np.random.randint(0, 256, (1, 3, height, width)).astype(np.float32)
-            calls["onnxruntime"] = lambda: session.run(None, {"images": images})
+            feed = dict(zip([i.name for i in session.get_inputs()], graph_feed(True, images)))
+            calls["onnxruntime"] = lambda: session.run(None, feed)
         with torch.no_grad():
             time_interleaved(calls, torch.device(cfg.MODEL.DEVICE), args.runs, args.warmup)
         if "onnxruntime" in calls:
@@ -526,10 +529,12 @@ def main(argv=None):
     parser.add_argument("--compare-size", nargs=2, type=int, metavar=("H", "W"),
                         help="input size of the torchvision detector (default: --input-size)")
     parser.add_argument("--runtime", nargs="+", default=["plain", "torch"],
-                        choices=["plain", "torch", "compile", "onnxruntime", "openvino"],
+                        choices=["plain", "torch", "compile", "onnxruntime", "openvino", "onnxruntime-unmasked",
+                                 "openvino-unmasked"],
                         help="eval: plain = the model as trained; torch = batch norm folded, channels-last "
                              "backbone; compile = that under torch.compile; onnxruntime / openvino = the ONNX "
-                             "export (--onnx, or exported here at --input-size)")
+                             "export (--onnx, or exported here at --input-size); -unmasked: the graph exported "
+                             "without image_sizes (eval only)")
     parser.add_argument("--onnx", help="an exported graph for the onnxruntime / openvino runtimes")
     parser.add_argument("--breakdown", action="store_true",
                         help="eval: milliseconds and GFLOPs per part (backbone stages, neck, selection, decoder layers ...)")

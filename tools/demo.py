@@ -150,7 +150,8 @@ def main(argv=None):
                         help="torch (eager), compile (torch.compile), onnxruntime or openvino (with --onnx)")
     parser.add_argument("--onnx", help="the graph of tools/export_onnx.py, for --runtime onnxruntime / openvino")
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
-                        help="the network's input size for --runtime compile (images are letterboxed into it)")
+                        help="the network's input size for --runtime compile (default: what tools/export_onnx.py "
+                             "picks, the test images' largest size after the test resize)")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     if args.input and not args.output:
