@@ -26,7 +26,8 @@ from .checkpoint import MobileFormerCheckpointer
 from .modeling.backbone.layers import valid_mask, zero_padding
 from .modeling.detr.postprocess import PostProcess
 
-__all__ = ["TensorDetector", "export_onnx", "graph_runner", "Predictor", "RUNTIMES", "evaluated_input_size"]
+__all__ = ["TensorDetector", "export_onnx", "graph_runner", "Predictor", "RUNTIMES", "evaluated_input_size",
+           "evaluate"]
 
 logger = logging.getLogger(__name__)
 
@@ -289,3 +290,20 @@ def place(rgb, size, fill):
     canvas[...] = np.asarray(fill, dtype=np.float32)
     canvas[:h, :w] = rgb
     return np.ascontiguousarray(canvas.transpose(2, 0, 1)[None]), (h, w)
+
+
+def evaluate(cfg, predictor, dataset_name, output_dir=None):
+    """COCO box metrics (``COCOEvaluator``'s dict: AP, AP50, ...) of a :class:`Predictor` on the
+    registered ``dataset_name``: each image read as the test loader reads it (``INPUT.FORMAT``
+    RGB), given to the predictor (which resizes it as evaluation does), all its detections above
+    ``MODEL.MF_DETR.TEST.SCORE_THRESH`` scored, as the trainer's evaluation scores the model."""
+    from detectron2.data import build_detection_test_loader
+    from detectron2.data.detection_utils import read_image
+    from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+
+    loader = build_detection_test_loader(DatasetCatalog.get(dataset_name), mapper=lambda record: record, num_workers=0)
+    evaluator = COCOEvaluator(dataset_name, tasks=("bbox",), distributed=False, output_dir=output_dir)
+
+    def model(inputs):
+        return [{"instances": predictor(read_image(x["file_name"], format=cfg.INPUT.FORMAT))} for x in inputs]
+    return inference_on_dataset(model, loader, evaluator)["bbox"]

@@ -107,12 +107,21 @@ def _runners(args, cfg, model, height, width, tmpdir):
             def make(batch, net=net):
                 images = torch.randint(0, 256, (batch, 3, height, width), device=device).float()
                 return lambda: net(images)
-        else:  # onnxruntime / openvino, or their -unmasked graph (no image_sizes input)
-            masked = not runtime.endswith("-unmasked")
-            path = (masked and args.onnx) or os.path.join(tmpdir, f"model{'' if masked else '-unmasked'}.onnx")
+        else:  # onnxruntime / openvino, on the graph, its -unmasked form (no image_sizes) or its -int8 form
+            engine, _, form = runtime.partition("-")
+            path = (form != "unmasked" and args.onnx) or os.path.join(tmpdir, f"model{'-unmasked' * (form == 'unmasked')}.onnx")
             if not os.path.exists(path):
-                export_onnx(copy.deepcopy(model), path, height, width, dynamic_batch=True, masked=masked)
-            run = graph_runner(path, runtime.split("-")[0], torch.get_num_threads())
+                export_onnx(copy.deepcopy(model), path, height, width, dynamic_batch=True, masked=form != "unmasked")
+            if form == "int8":
+                from mobileformer_det.quantize import quantize_graph
+
+                int8 = os.path.join(tmpdir, "model-int8.onnx")
+                if not os.path.exists(int8):  # speed only: random weights, calibrated on random images
+                    rng = np.random.RandomState(0)
+                    quantize_graph(path, int8, cfg, [rng.randint(0, 256, (height, width, 3), dtype=np.uint8)
+                                                     for _ in range(4)])
+                path = int8
+            run = graph_runner(path, engine, torch.get_num_threads())
 
             def make(batch, run=run):
                 images = np.random.randint(0, 256, (batch, 3, height, width)).astype(np.float32)
@@ -530,11 +539,12 @@ def main(argv=None):
                         help="input size of the torchvision detector (default: --input-size)")
     parser.add_argument("--runtime", nargs="+", default=["plain", "torch"],
                         choices=["plain", "torch", "compile", "onnxruntime", "openvino", "onnxruntime-unmasked",
-                                 "openvino-unmasked"],
+                                 "openvino-unmasked", "onnxruntime-int8", "openvino-int8"],
                         help="eval: plain = the model as trained; torch = batch norm folded, channels-last "
                              "backbone; compile = that under torch.compile; onnxruntime / openvino = the ONNX "
                              "export (--onnx, or exported here at --input-size); -unmasked: the graph exported "
-                             "without image_sizes (eval only)")
+                             "without image_sizes; -int8: that graph quantized here, calibrated on random images "
+                             "(speed only; tools/export_onnx.py --int8 calibrates on data)")
     parser.add_argument("--onnx", help="an exported graph for the onnxruntime / openvino runtimes")
     parser.add_argument("--breakdown", action="store_true",
                         help="eval: milliseconds and GFLOPs per part (backbone stages, neck, selection, decoder layers ...)")

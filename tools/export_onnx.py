@@ -21,15 +21,19 @@ PyTorch is printed.
 """
 import argparse
 import logging
+import os
 import sys
 
 import numpy as np
 import torch
 from detectron2.utils.logger import setup_logger
+from tabulate import tabulate
 
 from mobileformer_det import setup_cfg
 from mobileformer_det.data import register_datasets_from_config
-from mobileformer_det.deploy import TensorDetector, evaluated_input_size, export_onnx, graph_runner, load_model
+from mobileformer_det.deploy import (Predictor, TensorDetector, evaluate, evaluated_input_size, export_onnx,
+                                     graph_runner, load_model)
+from mobileformer_det.quantize import FLOAT_PARTS, PARTS, calibration_images, quantize_graph
 
 
 def main(argv=None):
@@ -44,6 +48,19 @@ def main(argv=None):
                         help="no image_sizes input: the graph sees the canvas's padding (approximate unless "
                              "images fill it)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 16 for grid_sample; default 17)")
+    parser.add_argument("--int8", action="store_true",
+                        help="write the INT8 graph (ONNX Runtime static quantization, QDQ) at --output, and the "
+                             "float graph beside it as <output>.fp32.onnx")
+    parser.add_argument("--calibration", metavar="DATASET",
+                        help="--int8: the registered dataset to calibrate on (default: the first of DATASETS.TRAIN)")
+    parser.add_argument("--calibration-images", type=int, default=64, metavar="N",
+                        help="--int8: images drawn from it (default 64)")
+    parser.add_argument("--float-parts", nargs="*", default=list(FLOAT_PARTS), choices=list(PARTS), metavar="PART",
+                        help=f"--int8: parts kept in float, among {', '.join(PARTS)} (default: "
+                             f"{' '.join(FLOAT_PARTS) or 'none'}; docs/deploy.md has what each costs)")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="evaluate the written graph (and with --int8 the float one) on DATASETS.TEST with "
+                             "COCOEvaluator, through ONNX Runtime")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     logger = setup_logger(name="export")
@@ -81,21 +98,41 @@ def main(argv=None):
                        "a fresh detector's decoder layers are copies of one another, and ONNX Runtime and "
                        "OpenVINO compute their equal value projections once instead of once per layer "
                        "(tools/benchmark.py makes the weights distinct)")
+    if args.int8:  # the calibration data first: nothing is exported for a dataset that is not there
+        calibration = args.calibration or (cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None)
+        if calibration is None:
+            parser.error("--int8 needs --calibration DATASET (the config has no DATASETS.TRAIN)")
+        try:
+            images = calibration_images(calibration, args.calibration_images)
+        except (KeyError, ValueError) as e:
+            parser.error(f"--calibration {calibration}: {e}")
+    fp32_path = os.path.splitext(args.output)[0] + ".fp32.onnx" if args.int8 else args.output
     model = load_model(cfg)
-    export_onnx(model, args.output, height, width, dynamic_batch=args.dynamic_batch, opset=args.opset,
+    export_onnx(model, fp32_path, height, width, dynamic_batch=args.dynamic_batch, opset=args.opset,
                 masked=not args.unmasked)
     n = "N" if args.dynamic_batch else 1
     inputs = f"images [{n}, 3, {height}, {width}]" + ("" if args.unmasked else f", image_sizes [{n}, 2]")
-    logger.info(f"wrote {args.output}: {inputs} -> boxes, scores, labels (K = {cfg.MODEL.MF_DETR.TEST.TOPK}); "
+    logger.info(f"wrote {fp32_path}: {inputs} -> boxes, scores, labels (K = {cfg.MODEL.MF_DETR.TEST.TOPK}); "
                 f"onnx.checker passed")
 
     image = torch.randint(0, 256, (1, 3, height, width)).float()
     valid = [[height - height // 4, width - width // 3]]  # a letterboxed image: padding below and to the right
     with torch.no_grad():
         expected = [t.numpy() for t in TensorDetector(model)(image, None if args.unmasked else torch.tensor(valid))]
-    got = graph_runner(args.output, "onnxruntime", torch.get_num_threads())(image.numpy(), valid)
+    got = graph_runner(fp32_path, "onnxruntime", torch.get_num_threads())(image.numpy(), valid)
     logger.info(f"ONNX Runtime vs PyTorch on a random image: boxes {np.abs(got[0] - expected[0]).max():.2e} px, "
                 f"scores {np.abs(got[1] - expected[1]).max():.2e}, labels equal: {bool((got[2] == expected[2]).all())}")
+    if args.int8:
+        quantize_graph(fp32_path, args.output, cfg, images, args.float_parts)
+        logger.info(f"wrote {args.output}: INT8, calibrated on {len(images)} images of {calibration}")
+    if args.evaluate:
+        graphs = {"fp32": fp32_path, "int8": args.output} if args.int8 else {"fp32": args.output}
+        rows = []
+        for name, path in graphs.items():
+            for dataset in cfg.DATASETS.TEST:
+                metrics = evaluate(cfg, Predictor(cfg, "onnxruntime", onnx_path=path), dataset)
+                rows.append([name, dataset, f"{metrics['AP']:.1f}", f"{metrics['AP50']:.1f}", f"{metrics['AP75']:.1f}"])
+        print(tabulate(rows, ["graph", "dataset", "AP", "AP50", "AP75"], tablefmt="pipe"))
     return 0
 
 

@@ -1,0 +1,117 @@
+"""INT8 graphs for the CPU: ONNX Runtime's static quantization (QDQ) of the exported graph,
+calibrated on images of a registered dataset, with chosen parts of the network left in float.
+
+The quantized graph has the fp32 graph's inputs and outputs (see deploy.py) and runs in ONNX
+Runtime and OpenVINO like it (both read the QuantizeLinear / DequantizeLinear pairs). Only the
+products are quantized (Conv, MatMul, Gemm: per output channel for weights, per tensor for
+activations, unsigned 8 bits for activations and signed for weights, ONNX Runtime's choice for x86);
+element-wise operations, softmax, layer norm and sampling stay in float.
+"""
+import logging
+import os
+import re
+import tempfile
+
+import numpy as np
+from detectron2.data import DatasetCatalog
+from detectron2.data import transforms as T
+
+__all__ = ["PARTS", "FLOAT_PARTS", "part_of", "quantize_graph", "calibration_images"]
+
+logger = logging.getLogger(__name__)
+
+# The network's parts, by the module path that torch.onnx writes into every node's name.
+PARTS = {
+    "bridges": r"/(mobile_to_former|former_to_mobile|final_mobile_to_former)/",  # the two-way cross-attention
+    "backbone": r"/backbone/",                      # the rest of Mobile-Former: convolutions, dynamic ReLUs, Former
+    "heads": r"/(class_heads|box_heads|enc_class_head|enc_box_head)\.?",  # class and box heads, proposals' too
+    "decoder": r"/(transformer|neck|token_proj)/",  # neck, proposals' projection, decoder layers
+}
+OPS = ("Conv", "MatMul", "Gemm")
+# Kept in float by default: none. Measured per part on the toy and crowd sets (docs/deploy.md), no
+# part's INT8 form costs accuracy that its float form gets back beyond the sets' noise.
+FLOAT_PARTS = ()
+
+
+def part_of(node_name):
+    """The part (a key of :data:`PARTS`) an exported node belongs to, the first that matches; None
+    for the normalisation, masks and post-processing at the top level."""
+    for part, pattern in PARTS.items():
+        if re.search(pattern, node_name):
+            return part
+    return None
+
+
+def calibration_images(dataset, num_images, seed=0):
+    """Paths of ``num_images`` images of the registered ``dataset``, drawn without replacement with
+    ``seed`` (all of them when it has fewer)."""
+    records = DatasetCatalog.get(dataset)
+    if not records:
+        raise ValueError(f"the calibration dataset {dataset!r} has no images")
+    order = np.random.RandomState(seed).permutation(len(records))[:num_images]
+    return [records[i]["file_name"] for i in order]
+
+
+class _Reader:
+    """ONNX Runtime's ``CalibrationDataReader`` protocol: the graph's feeds, one image at a time,
+    prepared as :class:`~mobileformer_det.deploy.Predictor` prepares them."""
+
+    def __init__(self, paths, cfg, input_size, input_names):
+        from detectron2.data.detection_utils import read_image
+
+        from .deploy import fit, graph_feed, place
+
+        resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+        feeds = []
+        for path in paths:
+            rgb = read_image(path, format="RGB") if isinstance(path, str) else path  # as the test loader reads them
+            image = resize.get_transform(rgb).apply_image(rgb)
+            if image.shape[0] > input_size[0] or image.shape[1] > input_size[1]:
+                image = fit(image, input_size)
+            batch, size = place(image, input_size, tuple(cfg.MODEL.PIXEL_MEAN))
+            feeds.append(dict(zip(input_names, graph_feed("image_sizes" in input_names, batch, [size]))))
+        self._feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+def quantize_graph(fp32_path, int8_path, cfg, images, float_parts=()):
+    """Write the INT8 form of the exported graph at ``fp32_path`` to ``int8_path``.
+
+    Args:
+        cfg: the config the graph was exported with (test resize, pixel mean).
+        images: image paths (or ``[h, w, 3]`` uint8 RGB arrays) to calibrate the activations'
+            ranges on (min-max over all of them).
+        float_parts: keys of :data:`PARTS` whose products stay in float.
+    Returns:
+        ``int8_path``; the number of quantized and float products is logged.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .deploy import graph_signature
+
+    unknown = set(float_parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}: choose among {list(PARTS)}")
+    input_size, masked = graph_signature(fp32_path)
+    graph = onnx.load(fp32_path)
+    names = [i.name for i in graph.graph.input]
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = os.path.join(tmp, "prepared.onnx")
+        quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)  # ONNX Runtime's advice before quantizing
+        products = [n for n in onnx.load(prepared).graph.node if n.op_type in OPS]
+        excluded = [n.name for n in products if part_of(n.name) in float_parts]
+        quantize_static(prepared, int8_path, _Reader(images, cfg, input_size, names), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(OPS), per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    quantized = onnx.load(int8_path)
+    onnx.helper.set_model_props(quantized, {p.key: p.value for p in graph.metadata_props} |
+                                {"mfdet.int8_float_parts": ",".join(float_parts)})
+    onnx.save(quantized, int8_path)
+    logger.info(f"quantized {len(products) - len(excluded)} of {len(products)} products to INT8 "
+                f"(float: {', '.join(float_parts) or 'none'}), calibrated on {len(images)} images")
+    return int8_path
