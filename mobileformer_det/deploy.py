@@ -261,17 +261,23 @@ class Predictor:
                       "width": width}
             with torch.no_grad():
                 return self.model([inputs])[0]["instances"].to("cpu")
-        if image.shape[0] > self.input_size[0] or image.shape[1] > self.input_size[1]:
-            if not self._warned:
-                logger.warning(f"an image of {image.shape[0]}x{image.shape[1]} after the test resize does not fit the "
-                               f"network's {self.input_size[0]}x{self.input_size[1]}: shrunk to fit, so its detections "
-                               f"differ from evaluation's (export with tools/export_onnx.py's default --input-size)")
-                self._warned = True
-            image = fit(image, self.input_size)
-        batch, size = place(image, self.input_size, self.fill)
+        batch, size = to_canvas(image, self.input_size, self.fill)
+        if size != image.shape[:2] and not self._warned:
+            logger.warning(f"an image of {image.shape[0]}x{image.shape[1]} after the test resize does not fit the "
+                           f"network's {self.input_size[0]}x{self.input_size[1]}: shrunk to fit, so its detections "
+                           f"differ from evaluation's (export with tools/export_onnx.py's default --input-size)")
+            self._warned = True
         boxes, scores, labels = (torch.as_tensor(np.asarray(t)[0]) for t in self._run(batch, [size]))
         found = self.postprocess.select(boxes.float(), scores.float(), labels.long(), size)
         return detector_postprocess(found, height, width)
+
+
+def to_canvas(image, size, fill):
+    """A test-resized ``image [h, w, 3]`` uint8 as the graph's input: shrunk to fit ``size`` = (H, W)
+    when larger (:func:`fit`), then :func:`place`-d. Returns (``[1, 3, H, W]`` float32, (h', w'))."""
+    if image.shape[0] > size[0] or image.shape[1] > size[1]:
+        image = fit(image, size)
+    return place(image, size, fill)
 
 
 def fit(rgb, size):

@@ -59,16 +59,13 @@ class _Reader:
     def __init__(self, paths, cfg, input_size, input_names):
         from detectron2.data.detection_utils import read_image
 
-        from .deploy import fit, graph_feed, place
+        from .deploy import graph_feed, to_canvas
 
         resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
         feeds = []
         for path in paths:
             rgb = read_image(path, format="RGB") if isinstance(path, str) else path  # as the test loader reads them
-            image = resize.get_transform(rgb).apply_image(rgb)
-            if image.shape[0] > input_size[0] or image.shape[1] > input_size[1]:
-                image = fit(image, input_size)
-            batch, size = place(image, input_size, tuple(cfg.MODEL.PIXEL_MEAN))
+            batch, size = to_canvas(resize.get_transform(rgb).apply_image(rgb), input_size, tuple(cfg.MODEL.PIXEL_MEAN))
             feeds.append(dict(zip(input_names, graph_feed("image_sizes" in input_names, batch, [size]))))
         self._feeds = iter(feeds)
 
