@@ -194,12 +194,17 @@ class MobileFormerCheckpointer(DetectionCheckpointer):
       tensors with a warning and go on with random ones. With ``fine_tune=True`` (a new training
       from ``MODEL.WEIGHTS``) the class heads alone may differ, in their class count: they start
       afresh, as when Detectron2 fine-tunes a COCO model on another dataset. A checkpoint of the
-      backbone only (``tools/convert_official_weights.py``) loads into the detector's backbone.
+      backbone only (``tools/convert_official_weights.py``) loads into the detector's backbone;
+    - loads a checkpoint's averaged weights (``"ema"``, written by a training with
+      ``MODEL_EMA.ENABLED``) into the model, unless ``use_average=False`` (a resumed training, whose
+      model gets its own weights back and its average, if it keeps one, its own): evaluation, the
+      demo, export and a fine-tuning from ``MODEL.WEIGHTS`` start from the average, as D-FINE's
+      evaluation and tuning do.
     """
 
-    def __init__(self, model, save_dir="", *, variant=None, fine_tune=False, **checkpointables):
+    def __init__(self, model, save_dir="", *, variant=None, fine_tune=False, use_average=True, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
-        self.variant, self.fine_tune = variant, fine_tune
+        self.variant, self.fine_tune, self.use_average = variant, fine_tune, use_average
         self._file = ""  # the file being loaded, for the messages
 
     def save(self, name, **kwargs):
@@ -245,6 +250,10 @@ class MobileFormerCheckpointer(DetectionCheckpointer):
                 f"the checkpoint was made for Mobile-Former {found}, but MODEL.MOBILEFORMER.VARIANT is "
                 f"{self.variant}: set MODEL.MOBILEFORMER.VARIANT {found} or load a {self.variant} checkpoint"
             )
+        if "ema" in checkpoint and self.use_average:
+            self.logger.info(f"loading the averaged weights (MODEL_EMA, {checkpoint['ema']['updates']} updates) "
+                             f"of {self._file}")
+            checkpoint["model"] = checkpoint.pop("ema")["model"]
         if not checkpoint.get("matching_heuristics", False):
             self._check_fits(checkpoint["model"])
         return super()._load_model(checkpoint)

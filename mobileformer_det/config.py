@@ -127,6 +127,16 @@ def add_mobileformer_config(cfg):
     for old, new in RENAMED_KEYS.items():
         cfg.register_renamed_key(old, new)
 
+    # An exponential moving average of the weights (D-FINE's, DEIM's, RT-DETR's ModelEMA): evaluated
+    # during training, saved in each checkpoint under "ema" and loaded from there as the weights for
+    # evaluation, the demo, export and fine-tuning (--resume restores both). Its decay ramps up as
+    # DECAY * (1 - exp(-iteration / WARMUP_ITERS)); D-FINE's values are 0.9999 and 1000 (COCO
+    # schedules of 10^5 iterations: the average spans about 10^4 of them).
+    cfg.MODEL_EMA = CN()
+    cfg.MODEL_EMA.ENABLED = False
+    cfg.MODEL_EMA.DECAY = 0.9999
+    cfg.MODEL_EMA.WARMUP_ITERS = 1000
+
     # "ADAMW" (default) or "SGD".
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # Learning-rate factor of the backbone's parameters.

@@ -29,6 +29,7 @@ from .data import (
     drop_invalid_boxes,
     drop_missing_images,
 )
+from .ema import EMAHook, ModelEMA
 
 __all__ = ["Trainer", "build_optimizer", "ClippingTrainer", "ClippingAMPTrainer", "ReplicaCheck", "ReadableCOCOEvaluator",
            "claim_output_dir", "truncate_metrics"]
@@ -328,6 +329,8 @@ class Trainer(DefaultTrainer):
         step_trainer = ClippingAMPTrainer if cfg.SOLVER.AMP.ENABLED else ClippingTrainer
         self._trainer = step_trainer(model, data_loader, optimizer, clip_norm=clip_norm_from_config(cfg))
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.model_ema = (ModelEMA(unwrap(model), cfg.MODEL_EMA.DECAY, cfg.MODEL_EMA.WARMUP_ITERS)
+                          if cfg.MODEL_EMA.ENABLED else None)
         self.checkpointer = self.build_checkpointer(cfg, model)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
@@ -348,8 +351,9 @@ class Trainer(DefaultTrainer):
         return create_ddp_model(model, **kwargs)
 
     def build_checkpointer(self, cfg, model):
+        extra = {"ema": self.model_ema} if self.model_ema is not None else {}
         return MobileFormerCheckpointer(model, cfg.OUTPUT_DIR, variant=cfg.MODEL.MOBILEFORMER.VARIANT,
-                                        trainer=weakref.proxy(self))
+                                        trainer=weakref.proxy(self), **extra)
 
     def resume_or_load(self, resume=True):
         """Detectron2's resume (weights, optimizer moments, iteration, scheduler position from the last
@@ -371,8 +375,10 @@ class Trainer(DefaultTrainer):
                 "tools/convert_official_weights.py and pass MODEL.WEIGHTS, or train from scratch with "
                 "MODEL.MOBILEFORMER.NORM SyncBN (GPUs) or BN")
         configured = [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in self.optimizer.param_groups]
-        self.checkpointer.fine_tune = not resuming
+        self.checkpointer.fine_tune = self.checkpointer.use_average = not resuming
         super().resume_or_load(resume)
+        if self.model_ema is not None and not self.model_ema.restored:
+            self.model_ema.reset(unwrap(self.model))  # from the loaded weights (or a resumed run without EMA)
         if resuming:
             self._apply_configured_solver(configured)
             if comm.is_main_process():
@@ -420,6 +426,11 @@ class Trainer(DefaultTrainer):
                 group["lr"] = lr
             logger.warning(f"resuming with the config's solver settings, not the checkpoint's: {'; '.join(sorted(changes))}")
 
+    def _test_averaged_weights(self):
+        with self.model_ema.applied(unwrap(self.model)):
+            self._last_eval_results = self.test(self.cfg, self.model)
+        return self._last_eval_results
+
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
@@ -460,12 +471,17 @@ class Trainer(DefaultTrainer):
         return super().test(cfg, model, evaluators)
 
     def build_hooks(self):
-        # DefaultTrainer's hooks, with the periodic checkpointer keeping only the last few files.
+        # DefaultTrainer's hooks, with the periodic checkpointer keeping only the last few files; with
+        # MODEL_EMA, the average is updated before them and evaluated instead of the weights.
         hook_list = super().build_hooks()
         for i, h in enumerate(hook_list):
             if isinstance(h, hooks.PeriodicCheckpointer):
                 hook_list[i] = hooks.PeriodicCheckpointer(
                     self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=3)
+            elif isinstance(h, hooks.EvalHook) and self.model_ema is not None:
+                hook_list[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_averaged_weights)
+        if self.model_ema is not None:
+            hook_list.insert(2, EMAHook(self.model_ema, unwrap(self.model)))  # after the timer and scheduler
         if comm.get_world_size() > 1:  # last on every process: collectives run in the same order
             hook_list.append(ReplicaCheck(self.model, self.cfg.SOLVER.CHECKPOINT_PERIOD))
         return hook_list

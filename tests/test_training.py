@@ -99,23 +99,23 @@ def test_train_resume_and_eval_only(tmp_path):
     common = ["--config-file", os.path.join(ROOT, "configs", "mf_detr_toy.yaml"),
               "DATASETS.TOY_ROOT", os.path.join(ROOT, "datasets", "toy_coco"), "OUTPUT_DIR", str(tmp_path),
               "SOLVER.IMS_PER_BATCH", 2, "SOLVER.CHECKPOINT_PERIOD", 4, "TEST.EVAL_PERIOD", 0,
-              "DATALOADER.NUM_WORKERS", 0]
+              "DATALOADER.NUM_WORKERS", 0, "MODEL_EMA.ENABLED", True, "MODEL_EMA.WARMUP_ITERS", 2]
     _run(common + ["SOLVER.MAX_ITER", 4], ROOT)
     assert open(tmp_path / "last_checkpoint").read() == "model_final.pth"
     first = torch.load(tmp_path / "model_final.pth", weights_only=False)
-    assert first["iteration"] == 3 and first["mobileformer_variant"] == "mf52"
+    assert first["iteration"] == 3 and first["mobileformer_variant"] == "mf52" and first["ema"]["updates"] == 4
     assert "optimizer" in first["trainer"]["_trainer"] and "LRScheduler" in first["trainer"]["hooks"]
 
     log = _run(["--resume"] + common + ["SOLVER.MAX_ITER", 8], ROOT)
     assert "Resuming from iteration 4" in log or "Starting training from iteration 4" in log
     second = torch.load(tmp_path / "model_final.pth", weights_only=False)
-    assert second["iteration"] == 7
+    assert second["iteration"] == 7 and second["ema"]["updates"] == 8  # the average went on where it stopped
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.json")]
     assert max(m["iteration"] for m in metrics if "iteration" in m) >= 7  # the resumed run appended its metrics
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
     log = _run(["--eval-only"] + common + ["MODEL.WEIGHTS", str(tmp_path / "model_final.pth")], ROOT)
-    assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
+    assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log and "loading the averaged weights (MODEL_EMA, 8 updates)" in log
 
     wrong = _run_fail(["--eval-only"] + common + ["MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
                                                   "MODEL.MOBILEFORMER.VARIANT", "mf26"])
@@ -132,6 +132,8 @@ def test_train_resume_and_eval_only(tmp_path):
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=True)
     assert isinstance(trainer._trainer, ClippingAMPTrainer) and trainer.start_iter == 8
+    for k, v in trainer.model.state_dict().items():  # resuming without MODEL_EMA: the weights, not their average
+        assert torch.equal(v, second["model"][k]), k
 
 
 def _run_fail(args):
