@@ -107,3 +107,18 @@ def test_compare_learning_trains_both_for_the_same_time_and_resumes(tmp_path):
     log = again.stdout + again.stderr
     assert "step times from" in log and log.count("finished earlier") == 2 and "Starting training" not in log
     assert json.load(open(out / "results.json"))["runs"] == saved["runs"]
+
+    # An option of MF-DETR beside it: only the new model is timed (beside the reference), and trained.
+    with_ema = subprocess.run(command[:2] + ["--models", "mf52", "mf52+ema"] + command[2:], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+    assert with_ema.returncode == 0, with_ema.stderr[-3000:]
+    log = with_ema.stdout + with_ema.stderr
+    assert "timed ['mf52+ema'] beside mf52" in log and log.count("finished earlier") == 1
+    times = json.load(open(out / "calibration.json"))
+    assert times["mf52"] == saved["step_times"]["mf52"] and times["D-FINE-N"] == saved["step_times"]["D-FINE-N"]
+    run = {r["model"]: r for r in json.load(open(out / "results.json"))["runs"]}["mf52+ema"]
+    assert run["iterations"] == max(2, round(10.8 * times["mf52"] / times["mf52+ema"] / 2) * 2)
+    final = torch.load(out / "mf52+ema" / "lr1" / "seed0" / "model_final.pth", weights_only=False)
+    assert final["ema"]["updates"] == run["iterations"]
+    bad = subprocess.run(command[:2] + ["--models", "mf52+emma"] + command[2:], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown option 'emma'" in bad.stderr

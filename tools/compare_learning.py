@@ -59,13 +59,30 @@ PEER_OVERRIDES = {
 }
 
 
+# Training options a model name can carry after "+" (e.g. mf52+ema), to measure what a peer's
+# recipe brings to MF-DETR at equal time.
+OPTIONS = {
+    # D-FINE's weight average with its horizon scaled to these sets' schedules: 1 / (1 - 0.99) = 100
+    # iterations, about 1.3 epochs of 600 images at batch 8 (D-FINE's 0.9999 spans 1.4 COCO epochs
+    # at batch 32), its decay ramped up over 100 iterations (D-FINE: 1000).
+    "ema": ["MODEL_EMA.ENABLED", True, "MODEL_EMA.DECAY", 0.99, "MODEL_EMA.WARMUP_ITERS", 100],
+}
+
+
 def model_overrides(name):
-    """Config overrides that turn the config's detector into model ``name``."""
-    if name in PEER_OVERRIDES:
-        return list(PEER_OVERRIDES[name])
-    if name.startswith("mf"):
-        return ["MODEL.MOBILEFORMER.VARIANT", name]
-    raise ValueError(f"unknown model {name!r}: mfXX (MF-DETR on that backbone variant) or {list(PEER_OVERRIDES)}")
+    """Config overrides that turn the config's detector into model ``name``: ``mfXX``, a peer of
+    ``PEER_OVERRIDES``, either followed by ``+option`` (``OPTIONS``) any number of times."""
+    base, *options = name.split("+")
+    unknown = [o for o in options if o not in OPTIONS]
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} in {name!r}: one of {list(OPTIONS)}")
+    extra = [x for o in options for x in OPTIONS[o]]
+    if base in PEER_OVERRIDES:
+        return list(PEER_OVERRIDES[base]) + extra
+    if base.startswith("mf"):
+        return ["MODEL.MOBILEFORMER.VARIANT", base] + extra
+    raise ValueError(f"unknown model {name!r}: mfXX (MF-DETR on that backbone variant) or {list(PEER_OVERRIDES)}, "
+                     f"with +option for any of {list(OPTIONS)}")
 
 
 def build_cfg(args, name, extra=()):
@@ -83,6 +100,32 @@ def calibrate(args, names):
         calls = {name: (lambda t=t: [t.run_step() for _ in range(args.calibration_steps)]) for name, t in trainers.items()}
         times = time_interleaved(calls, torch.device("cpu"), args.calibration_rounds, warmup=1, pause=0.0)
     return {name: float(np.median(t)) / args.calibration_steps for name, t in times.items()}
+
+
+def step_times_of(args, timed):
+    """Seconds per step of the models ``timed`` (the reference first), from ``calibration.json`` where
+    it has them. Models it lacks are timed in turns with the reference, and their times scaled by
+    the reference's saved time over its time now: the ratios stay measured side by side, and the
+    runs already made keep their lengths."""
+    path = os.path.join(args.output, "calibration.json")
+    saved = {}
+    if os.path.exists(path) and not args.recalibrate:
+        with open(path) as f:
+            saved = json.load(f)
+    reference = timed[0]
+    missing = [name for name in timed if name not in saved] if reference in saved else list(timed)
+    if not missing:
+        logger.info(f"step times from {path}: {saved} (--recalibrate to measure again)")
+        return saved
+    measured = calibrate(args, list(dict.fromkeys([reference, *missing])))
+    scale = saved[reference] / measured[reference] if reference in saved else 1.0
+    if reference in saved:
+        logger.info(f"timed {missing} beside {reference} ({measured}); scaled by {scale:.3f} to the saved "
+                    f"{reference} step of {saved[reference]:.3f} s")
+    saved.update({name: measured[name] * scale for name in missing})
+    with open(path, "w") as f:
+        json.dump(saved, f, indent=1)
+    return saved
 
 
 def schedule(cfg, iters, points):
@@ -167,8 +210,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--models", nargs="+", default=None,
-                        help="mfXX (MF-DETR on that backbone variant) or D-FINE-N (default: the config's "
-                             "variant, D-FINE-N)")
+                        help="mfXX (MF-DETR on that backbone variant) or D-FINE-N, each with +ema for "
+                             "an option of OPTIONS (default: the config's variant, D-FINE-N)")
     parser.add_argument("--reference", default=None,
                         help="the model that trains the config's schedule; the others train as long (default: "
                              "the first of --models)")
@@ -203,18 +246,7 @@ def main(argv=None):
     timed = list(dict.fromkeys([args.reference, *args.models]))
     register_datasets_from_config(cfg)
 
-    calibration_file = os.path.join(args.output, "calibration.json")
-    step_times = None
-    if os.path.exists(calibration_file) and not args.recalibrate:
-        with open(calibration_file) as f:
-            saved = json.load(f)
-        if set(timed) <= set(saved):
-            step_times = saved
-            logger.info(f"step times from {calibration_file}: {saved} (--recalibrate to measure again)")
-    if step_times is None:
-        step_times = calibrate(args, timed)
-        with open(calibration_file, "w") as f:
-            json.dump(step_times, f, indent=1)
+    step_times = step_times_of(args, timed)
     base_iters = cfg.SOLVER.MAX_ITER * args.schedule
     results = []
     for lr_factor in args.lr_factors:
