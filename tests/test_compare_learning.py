@@ -12,6 +12,7 @@ from detectron2.modeling import build_model
 from helpers import ROOT, make_instances, toy_cfg
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
+import compare_learning  # noqa: E402
 import peers  # noqa: E402,F401 (registers DFineDetector)
 
 TOY_CONFIG = os.path.join(ROOT, "configs", "mf_detr_toy.yaml")
@@ -67,7 +68,7 @@ def test_d_fine_detector_maps_detections_back_to_the_original_image():
 
 
 @pytest.mark.slow
-def test_compare_learning_trains_both_for_the_same_time_and_resumes(tmp_path):
+def test_compare_learning_trains_both_for_the_same_time_and_resumes(tmp_path, capsys):
     """Through the command line: both models trained, the peer for the iterations its measured step
     time allows in the reference's time, evaluated at the same fractions; a second call reuses the
     calibration and the finished runs instead of training again."""
@@ -120,5 +121,6 @@ def test_compare_learning_trains_both_for_the_same_time_and_resumes(tmp_path):
     assert run["iterations"] == max(2, round(10.8 * times["mf52"] / times["mf52+ema"] / 2) * 2)
     final = torch.load(out / "mf52+ema" / "lr1" / "seed0" / "model_final.pth", weights_only=False)
     assert final["ema"]["updates"] == run["iterations"]
-    bad = subprocess.run(command[:2] + ["--models", "mf52+emma"] + command[2:], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode == 2 and "unknown option 'emma'" in bad.stderr
+    with pytest.raises(SystemExit) as bad:
+        compare_learning.main(["--config-file", TOY_CONFIG, "--models", "mf52+emma"])
+    assert bad.value.code == 2 and "unknown option 'emma' in 'mf52+emma'" in capsys.readouterr().err

@@ -5,6 +5,7 @@
     python tools/compare_learning.py --config-file configs/mf_detr_toy_crowd.yaml --models mf52 mf26 D-FINE-N
     python tools/compare_learning.py --config-file configs/mf_detr_toy.yaml --lr-factors 0.5 1 2 --seeds 0 \
         --schedule 0.5
+    python tools/compare_learning.py --config-file configs/mf_detr_toy.yaml --models mf52 mf52+ema --schedule 0.5
 
 Every model trains through this project's ``Trainer`` on the config's datasets: the same images,
 augmentations, batch size, test size, ``COCOEvaluator``, post-processing (top-k, threshold, NMS of
@@ -21,9 +22,13 @@ model of ``--models`` (or ``--reference``) trains the config's ``SOLVER.MAX_ITER
 iterations; every other model the iterations that take the same time at its measured step time, with its warm-up,
 learning-rate steps and ``--points`` evaluations at the same fractions of its schedule: the
 evaluations are at equal training time. The measured step times are kept in
-``OUTPUT/calibration.json`` and reused by a later call with the same models (``--recalibrate``
-measures again), and a finished run (``result.json`` in its folder) is not trained again: a
-comparison can be split over several calls, e.g. one per seed, and interrupted.
+``OUTPUT/calibration.json`` and reused by a later call (``--recalibrate`` measures again); a model
+it lacks is timed beside the reference and scaled to the reference's saved time. A finished run
+(``result.json`` in its folder) is not trained again: a comparison can be split over several
+calls, e.g. one per seed, interrupted, and extended by another model.
+
+**Options.** A model name may carry ``+option`` (``OPTIONS``): ``mf52+ema`` is MF-DETR mf52
+trained with D-FINE's weight average (``MODEL_EMA``), timed and trained beside ``mf52``.
 
 Prints a table of AP / AP50 / AP75 (mean and standard deviation over the seeds) at each point, with
 the training minutes it stands for, and writes it with every run's figures to ``OUTPUT/results.json``.
