@@ -7,15 +7,12 @@ entry of the state dict is averaged (BatchNorm statistics included, as there); i
 (``num_batches_tracked``) are copied.
 """
 import contextlib
-import logging
 import math
 
 import torch
 from detectron2.engine import hooks
 
 __all__ = ["ModelEMA", "EMAHook"]
-
-logger = logging.getLogger(__name__)
 
 
 class ModelEMA:
@@ -35,7 +32,12 @@ class ModelEMA:
     def reset(self, model):
         """Start the average afresh from ``model``'s current weights."""
         self.updates = 0
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self._set_state({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    def _set_state(self, state):
+        self.state = state
+        self._floats = [k for k, v in state.items() if v.is_floating_point()]
+        self._others = [k for k, v in state.items() if not v.is_floating_point()]
 
     def factor(self):
         """The decay of the next update: ``DECAY`` ramped up over ``WARMUP_ITERS`` updates."""
@@ -49,11 +51,9 @@ class ModelEMA:
         self.updates += 1
         d = self.factor()
         current = model.state_dict()
-        floats = [k for k, v in self.state.items() if v.is_floating_point()]
-        torch._foreach_lerp_([self.state[k] for k in floats], [current[k].detach() for k in floats], 1.0 - d)
-        for k, v in self.state.items():
-            if not v.is_floating_point():
-                v.copy_(current[k])
+        torch._foreach_lerp_([self.state[k] for k in self._floats], [current[k].detach() for k in self._floats], 1.0 - d)
+        for k in self._others:
+            self.state[k].copy_(current[k])
 
     @contextlib.contextmanager
     def applied(self, model):
@@ -73,7 +73,7 @@ class ModelEMA:
         if missing:
             raise ValueError(f"the checkpoint's EMA weights lack {len(missing)} of the model's entries "
                              f"({', '.join(sorted(missing)[:4])}): it was saved by another model")
-        self.state = {k: v.to(self.state[k].device) for k, v in state["model"].items() if k in self.state}
+        self._set_state({k: v.to(self.state[k].device) for k, v in state["model"].items() if k in self.state})
         self.updates = int(state["updates"])
         self.restored = True
 
