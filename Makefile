@@ -24,11 +24,13 @@ toy: setup
 	end=$$(date +%s) && \
 	echo "make toy: training, evaluation and demo took $$(( (end - start) / 60 )) min $$(( (end - start) % 60 )) s on $$(nproc) cores"
 
+# Two pytest-xdist workers of one thread each (tests/conftest.py): the suite's imports, exports and
+# evaluations are mostly single-threaded, so two of them use two cores better than one test at a time.
 test: setup
-	$(PY) -m pytest tests -v -rs --durations=15
+	$(PY) -m pytest tests -v -rs --durations=15 -n 2 --dist worksteal
 
 test-fast: setup
-	$(PY) -m pytest tests -v -m "not slow"
+	$(PY) -m pytest tests -v -m "not slow" -n 2 --dist worksteal
 
 # The wheels a GPU machine with PyTorch lacks, for tools/gpu_check.py there (into .whl/, ignored by git).
 gpu-wheels: setup

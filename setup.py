@@ -18,9 +18,10 @@ setup(
         "numpy>=1.22",
         "Pillow>=9.0",
         "tqdm",
+        "filelock",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "pytest-xdist>=3"],
         # tools/export_onnx.py and the onnxruntime / openvino runtimes of the demo and benchmark
         "export": ["onnx>=1.14", "onnxruntime>=1.16", "openvino>=2024.0"],
         # tools/benchmark.py --task peers (D-FINE, RT-DETRv2, Deformable DETR, DETR; Apache-2.0) and

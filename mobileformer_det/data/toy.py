@@ -16,6 +16,7 @@ import json
 import os
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image, ImageDraw, ImageFilter
 
 VERSION = 1
@@ -184,15 +185,23 @@ def _drop_occluded(annotations, max_covered):
 
 def _ensure(root, version, splits, make_split):
     stamp = os.path.join(root, "VERSION")
-    if os.path.exists(stamp) and open(stamp).read().strip() == str(version):
+
+    def current():
+        return os.path.exists(stamp) and open(stamp).read().strip() == str(version)
+
+    if current():
         return root
     os.makedirs(root, exist_ok=True)
-    for split, num_images, seed in splits.values():
-        make_split(root, split, num_images, seed)
-    tmp = stamp + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(str(version))
-    os.replace(tmp, stamp)
+    # Processes started together (the ranks of a launch, parallel test workers) write it once: the
+    # others wait for the stamp instead of writing the same files at the same time.
+    with FileLock(os.path.join(root, ".writing.lock")):
+        if not current():
+            for split, num_images, seed in splits.values():
+                make_split(root, split, num_images, seed)
+            tmp = stamp + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(str(version))
+            os.replace(tmp, stamp)
     return root
 
 
