@@ -73,6 +73,16 @@ class _Reader:
         return next(self._feeds, None)
 
 
+def _folded_activations(model):
+    """Constants of ``model`` that are activations folded at export, not weights: with a batch of 1
+    fixed, what the learned tokens and query embeddings compute before meeting the image is
+    constant (``[1, heads, M, d]`` and the like). Quantized as weights, per channel along the
+    wrong axis, they make OpenVINO refuse the graph ("Check 'any_of(scale.size(), OC, 1U)'
+    failed"); a product that reads one stays in float."""
+    rank = {i.name: len(i.dims) for i in model.graph.initializer}
+    return {i for n in model.graph.node if n.op_type in ("MatMul", "Gemm") for i in n.input[:2] if rank.get(i, 2) != 2}
+
+
 def quantize_graph(fp32_path, int8_path, cfg, images, float_parts=()):
     """Write the INT8 form of the exported graph at ``fp32_path`` to ``int8_path``.
 
@@ -99,8 +109,10 @@ def quantize_graph(fp32_path, int8_path, cfg, images, float_parts=()):
     with tempfile.TemporaryDirectory() as tmp:
         prepared = os.path.join(tmp, "prepared.onnx")
         quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)  # ONNX Runtime's advice before quantizing
-        products = [n for n in onnx.load(prepared).graph.node if n.op_type in OPS]
-        excluded = [n.name for n in products if part_of(n.name) in float_parts]
+        model = onnx.load(prepared)
+        products = [n for n in model.graph.node if n.op_type in OPS]
+        folded = _folded_activations(model)
+        excluded = [n.name for n in products if part_of(n.name) in float_parts or set(n.input) & folded]
         quantize_static(prepared, int8_path, _Reader(images, cfg, input_size, names), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(OPS), per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, nodes_to_exclude=excluded,

@@ -391,16 +391,17 @@ def _ap_table(log):
 def test_int8_graph_detects_what_the_float_graph_detects(overfit_toy, tmp_path):
     """``export_onnx.py --int8 --calibration`` on the four trained-on images: the float graph's AP
     through ONNX Runtime is the trainer's own evaluation's (same resize, masked padding); INT8 keeps
-    AP50 within 5 and each confident float detection (score > 0.3) is still found: an INT8
-    detection of the same class, IoU > 0.5, scoring above 0.05 (the background's scores are ~0.002).
-    AP over IoU 0.5-0.95 is only held within 10: on ~10 boxes of 4 classes, one box whose IoU with
-    its object crosses one of the 10 thresholds moves AP by 1-3 points, and this overfit model's
-    boxes sit near IoU 0.9, where a pixel of INT8 rounding crosses one (measured: AP 94.2 -> 92.7 in
-    one training, 95.8 -> 88.3 in another, both at AP50 100). Scores are not held close either:
-    calibrated on 4 images, INT8 scores moved by up to 0.04 in one training and by 0.29 and 0.77 (a
-    10x9-pixel shape, found at IoU 0.84 with score 0.10) in another. The recipe's models lose
-    under 1 AP on the full validation sets (docs/deploy.md). With
-    ``--float-parts heads`` the heads' products stay in float and every other part's are quantized."""
+    AP50 within 5, and in ONNX Runtime and OpenVINO alike each confident float detection (score >
+    0.3) is still found: an INT8 detection of the same class, IoU > 0.5, scoring above 0.05 (the
+    background's scores are ~0.002), the median of those IoUs above 0.85 (measured 0.91 and 0.93,
+    the worst box 0.62). AP over IoU 0.5-0.95 is not held: on ~10 boxes of 4 classes, one box whose
+    IoU crosses one of the 10 thresholds moves it by 1-3 points, and this overfit model's boxes sit
+    near IoU 0.9 with their objects, where INT8 rounding crosses thresholds (measured drops from 1.5
+    to 10.8 AP over four trainings, AP50 100 in each). Scores are not held close either: calibrated
+    on 4 images, they moved by up to 0.04 in one training and by 0.29 and 0.77 (a 10x9-pixel shape)
+    in another. The recipe's models lose under 1 AP on the full validation sets (docs/deploy.md).
+    With ``--float-parts heads`` the heads' products stay in float and every other part's are
+    quantized."""
     import onnx
     from torchvision.ops import box_iou
 
@@ -414,23 +415,27 @@ def test_int8_graph_detects_what_the_float_graph_detects(overfit_toy, tmp_path):
                 "DATASETS.COCO_FORMAT", subset, "DATASETS.TEST", "('sub4',)", "DATASETS.TOY_ROOT", TOY_ROOT)
     aps = _ap_table(log)
     assert aps["fp32"][0] == pytest.approx(overfit_toy["result"]["AP"], abs=0.05), (aps, overfit_toy["result"])
-    assert aps["int8"][1] >= aps["fp32"][1] - 5 and aps["int8"][0] >= aps["fp32"][0] - 10, aps
+    assert aps["int8"][1] >= aps["fp32"][1] - 5, aps
 
     nodes = onnx.load(path).graph.node
     dequantized = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear"}
     quantized = {part_of(n.name) for n in nodes if n.op_type in ("Conv", "MatMul", "Gemm") and set(n.input) & dequantized}
     assert {"backbone", "bridges", "decoder"} <= quantized and "heads" not in quantized, quantized
 
+    # The same INT8 graph in OpenVINO too: exported with a batch of 1, its learned tokens' and
+    # queries' first products are constants that must stay in float for OpenVINO to compile it.
     cfg = toy_cfg("MODEL.WEIGHTS", overfit_toy["weights"], *NO_NMS)
     fp32 = Predictor(cfg, "onnxruntime", onnx_path=str(tmp_path / "toy.fp32.onnx"))
-    int8 = Predictor(cfg, "onnxruntime", onnx_path=path)
-    confident = 0
+    int8 = {runtime: Predictor(cfg, runtime, onnx_path=path) for runtime in ("onnxruntime", "openvino")}
+    ious = {runtime: [] for runtime in int8}
     for f in _subset_files(overfit_toy):
         rgb = _rgb(overfit_toy["image_root"], f)
-        a, b = fp32(rgb), int8(rgb)
+        a = fp32(rgb)
         a = a[a.scores > 0.3]
-        confident += len(a)
-        iou = box_iou(a.pred_boxes.tensor, b.pred_boxes.tensor)
-        found = (a.pred_classes[:, None] == b.pred_classes[None]) & (iou > 0.5) & (b.scores[None] > 0.05)
-        assert found.any(1).all(), (f, a, b[:10])
-    assert confident >= 4
+        for runtime, predictor in int8.items():
+            b = predictor(rgb)
+            iou = box_iou(a.pred_boxes.tensor, b.pred_boxes.tensor)
+            found = (a.pred_classes[:, None] == b.pred_classes[None]) & (iou > 0.5) & (b.scores[None] > 0.05)
+            assert found.any(1).all(), (runtime, f, a, b[:10])
+            ious[runtime] += (iou * found).max(1).values.tolist()
+    assert all(len(v) >= 4 and float(np.median(v)) > 0.85 for v in ious.values()), ious
