@@ -319,3 +319,34 @@ def test_crowd_dataset_is_deterministic_crowded_and_registered(tmp_path):
     register_datasets_from_config(cfg)
     assert len(DatasetCatalog.get("toy_crowd_val")) == 100
     assert MetadataCatalog.get("toy_crowd_val").thing_classes == CROWD_CLASSES
+
+
+def _write_slowly(root, split, num_images, seed):
+    """A split writer for ``_ensure`` that takes its time and leaves a trace of each call."""
+    import time
+
+    with open(os.path.join(root, f"calls.{split}.{os.getpid()}"), "w") as f:
+        f.write(str(num_images))
+    time.sleep(0.5)
+
+
+def _ensure_in_a_process(root):
+    from mobileformer_det.data.toy import _ensure
+
+    _ensure(root, 7, {"train": ("train", 3, 0), "val": ("val", 2, 1)}, _write_slowly)
+
+
+def test_datasets_are_written_once_when_processes_start_together(tmp_path):
+    """Two processes (two ranks, two test workers) ensuring the same dataset at once: one writes it,
+    the other waits for it instead of writing the same files at the same time."""
+    import multiprocessing
+
+    processes = [multiprocessing.get_context("fork").Process(target=_ensure_in_a_process, args=(str(tmp_path),))
+                 for _ in range(2)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(30)
+    assert [p.exitcode for p in processes] == [0, 0]
+    calls = sorted(f.split(".")[1] for f in os.listdir(tmp_path) if f.startswith("calls."))
+    assert calls == ["train", "val"] and (tmp_path / "VERSION").read_text() == "7"
