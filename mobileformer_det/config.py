@@ -106,7 +106,8 @@ def add_mobileformer_config(cfg):
     cfg.MODEL.MF_DETR.MATCHER.COST_GIOU = 2.0
 
     cfg.MODEL.MF_DETR.LOSS = CN()
-    # "focal" or "varifocal" (IoU-aware class targets, RT-DETR; VFL_ALPHA weighs the negatives).
+    # "focal", "varifocal" (IoU-aware class targets, RT-DETR; VFL_ALPHA weighs the negatives) or
+    # "mal" (DEIM's matchability-aware loss: targets IoU ** MAL_GAMMA at full weight; DEIM weighs it 1).
     cfg.MODEL.MF_DETR.LOSS.CLASS_TYPE = "focal"
     cfg.MODEL.MF_DETR.LOSS.CLASS_WEIGHT = 2.0
     cfg.MODEL.MF_DETR.LOSS.BBOX_WEIGHT = 5.0
@@ -114,6 +115,7 @@ def add_mobileformer_config(cfg):
     cfg.MODEL.MF_DETR.LOSS.FOCAL_ALPHA = 0.25
     cfg.MODEL.MF_DETR.LOSS.FOCAL_GAMMA = 2.0
     cfg.MODEL.MF_DETR.LOSS.VFL_ALPHA = 0.75
+    cfg.MODEL.MF_DETR.LOSS.MAL_GAMMA = 1.5
 
     cfg.MODEL.MF_DETR.TEST = CN()
     # Detections kept per image (top-k over queries x classes) and their minimum score.

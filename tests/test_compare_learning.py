@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from detectron2.modeling import build_model
 
 from helpers import ROOT, make_instances, toy_cfg
@@ -109,18 +110,21 @@ def test_compare_learning_trains_both_for_the_same_time_and_resumes(tmp_path, ca
     assert "step times from" in log and log.count("finished earlier") == 2 and "Starting training" not in log
     assert json.load(open(out / "results.json"))["runs"] == saved["runs"]
 
-    # An option of MF-DETR beside it: only the new model is timed (beside the reference), and trained.
-    with_ema = subprocess.run(command[:2] + ["--models", "mf52", "mf52+ema"] + command[2:], cwd=ROOT,
+    # Options of MF-DETR beside it: only the new model is timed (beside the reference), and trained.
+    with_ema = subprocess.run(command[:2] + ["--models", "mf52", "mf52+ema+mal"] + command[2:], cwd=ROOT,
                               capture_output=True, text=True, timeout=600)
     assert with_ema.returncode == 0, with_ema.stderr[-3000:]
     log = with_ema.stdout + with_ema.stderr
-    assert "timed ['mf52+ema'] beside mf52" in log and log.count("finished earlier") == 1
+    assert "timed ['mf52+ema+mal'] beside mf52" in log and log.count("finished earlier") == 1
     times = json.load(open(out / "calibration.json"))
     assert times["mf52"] == saved["step_times"]["mf52"] and times["D-FINE-N"] == saved["step_times"]["D-FINE-N"]
-    run = {r["model"]: r for r in json.load(open(out / "results.json"))["runs"]}["mf52+ema"]
-    assert run["iterations"] == max(2, round(10.8 * times["mf52"] / times["mf52+ema"] / 2) * 2)
-    final = torch.load(out / "mf52+ema" / "lr1" / "seed0" / "model_final.pth", weights_only=False)
+    run = {r["model"]: r for r in json.load(open(out / "results.json"))["runs"]}["mf52+ema+mal"]
+    assert run["iterations"] == max(2, round(10.8 * times["mf52"] / times["mf52+ema+mal"] / 2) * 2)
+    folder = out / "mf52+ema+mal" / "lr1" / "seed0"
+    final = torch.load(folder / "model_final.pth", weights_only=False)
     assert final["ema"]["updates"] == run["iterations"]
+    loss = yaml.safe_load((folder / "config.yaml").read_text())["MODEL"]["MF_DETR"]["LOSS"]
+    assert (loss["CLASS_TYPE"], loss["CLASS_WEIGHT"]) == ("mal", 1.0)
     with pytest.raises(SystemExit) as bad:
         compare_learning.main(["--config-file", TOY_CONFIG, "--models", "mf52+emma"])
     assert bad.value.code == 2 and "unknown option 'emma' in 'mf52+emma'" in capsys.readouterr().err

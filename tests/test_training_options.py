@@ -1,5 +1,5 @@
 """The training options of the ablation (tokens off, contrastive denoising, look-forward-twice,
-varifocal loss, one-to-many matching, dense proposal assignment and proposal NMS)."""
+varifocal and matchability-aware losses, one-to-many matching, dense proposal assignment and proposal NMS)."""
 import math
 
 import pytest
@@ -11,7 +11,7 @@ from helpers import encode, image_input, make_instances, toy_cfg
 from mobileformer_det.modeling.detr import HungarianMatcher, SetCriterion
 from mobileformer_det.modeling.detr.assigner import AnchorAssigner
 from mobileformer_det.modeling.detr.query_selection import fast_nms_order
-from mobileformer_det.modeling.detr.criterion import varifocal_loss
+from mobileformer_det.modeling.detr.criterion import matchability_aware_loss, varifocal_loss
 from mobileformer_det.modeling.detr.denoising import build_denoising_queries
 
 
@@ -83,17 +83,47 @@ def test_varifocal_loss_against_a_hand_computation():
     torch.testing.assert_close(varifocal_loss(logits, targets, alpha, gamma), expected)
 
 
-def test_varifocal_class_target_is_the_iou_of_the_matched_box():
-    """A query whose class score equals its box's IoU with the target has the lowest class loss."""
+def test_matchability_aware_loss_against_a_hand_computation():
+    logits = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
+    targets = torch.tensor([[0.8, 0.0], [0.0, 0.3]])
+    gamma = 1.5
+    expected = torch.empty(2, 2)
+    for i in range(2):
+        for k in range(2):
+            x, q = logits[i, k].item(), targets[i, k].item()
+            p = 1 / (1 + math.exp(-x))
+            t, weight = (q ** gamma, 1.0) if q > 0 else (0.0, p ** gamma)
+            expected[i, k] = -weight * (t * math.log(p) + (1 - t) * math.log(1 - p))
+    torch.testing.assert_close(matchability_aware_loss(logits, targets, gamma), expected)
+
+
+def test_the_config_selects_the_class_loss():
+    """LOSS.CLASS_TYPE and MAL_GAMMA reach the criterion; the loss of a training step changes with them
+    and stays finite (every class loss runs on the decoder's, the denoising and the dense proposals' sets)."""
+    losses = {}
+    for opts in ([], ["MODEL.MF_DETR.LOSS.CLASS_TYPE", "mal", "MODEL.MF_DETR.LOSS.MAL_GAMMA", 2.0]):
+        torch.manual_seed(0)
+        model = build_model(toy_cfg(*opts)).train()
+        losses[len(opts)] = model(training_batch())
+    assert (model.criterion.class_loss, model.criterion.mal_gamma) == ("mal", 2.0)
+    assert all(torch.isfinite(v) for v in losses[4].values())
+    assert losses[0]["loss_class"] != losses[4]["loss_class"]
+    torch.testing.assert_close(losses[0]["loss_bbox"], losses[4]["loss_bbox"])   # same weights, same matches
+
+
+@pytest.mark.parametrize("class_loss, best", [("varifocal", 0.5), ("mal", 0.35)])
+def test_iou_aware_class_target_of_a_matched_query(class_loss, best):
+    """A query whose class score equals its box's IoU with the target (varifocal), or that IoU to
+    the power 1.5 (MAL: 0.5 ** 1.5 = 0.354), has the lowest class loss."""
     target = {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}
     boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.2]]])                   # IoU 0.5 with the target
-    criterion = SetCriterion(3, HungarianMatcher(), class_loss="varifocal")
+    criterion = SetCriterion(3, HungarianMatcher(), class_loss=class_loss, mal_gamma=1.5)
     losses = {}
-    for score in (0.3, 0.5, 0.7, 0.99):
+    for score in (0.2, 0.35, 0.5, 0.7, 0.99):
         logits = torch.full((1, 1, 3), -30.0)
         logits[0, 0, 1] = math.log(score / (1 - score))
         losses[score] = criterion.loss_set(logits, boxes, [target], [(torch.tensor([0]), torch.tensor([0]))], 1.0)["loss_class"].item()
-    assert min(losses, key=losses.get) == 0.5
+    assert min(losses, key=losses.get) == best
     with pytest.raises(ValueError, match="LOSS.CLASS_TYPE"):
         SetCriterion(3, HungarianMatcher(), class_loss="softmax")
 

@@ -28,7 +28,8 @@ it lacks is timed beside the reference and scaled to the reference's saved time.
 calls, e.g. one per seed, interrupted, and extended by another model.
 
 **Options.** A model name may carry ``+option`` (``OPTIONS``): ``mf52+ema`` is MF-DETR mf52
-trained with D-FINE's weight average (``MODEL_EMA``), timed and trained beside ``mf52``.
+trained with D-FINE's weight average (``MODEL_EMA``), ``mf52+mal`` with DEIM's matchability-aware
+class loss, timed and trained beside ``mf52``; ``mf52+ema+mal`` with both.
 
 Prints a table of AP / AP50 / AP75 (mean and standard deviation over the seeds) at each point, with
 the training minutes it stands for, and writes it with every run's figures to ``OUTPUT/results.json``.
@@ -71,6 +72,9 @@ OPTIONS = {
     # iterations, about 1.3 epochs of 600 images at batch 8 (D-FINE's 0.9999 spans 1.4 COCO epochs
     # at batch 32), its decay ramped up over 100 iterations (D-FINE: 1000).
     "ema": ["MODEL_EMA.ENABLED", True, "MODEL_EMA.DECAY", 0.99, "MODEL_EMA.WARMUP_ITERS", 100],
+    # DEIM's matchability-aware class loss with its gamma and weight (the box losses keep theirs).
+    "mal": ["MODEL.MF_DETR.LOSS.CLASS_TYPE", "mal", "MODEL.MF_DETR.LOSS.MAL_GAMMA", 1.5,
+            "MODEL.MF_DETR.LOSS.CLASS_WEIGHT", 1.0],
 }
 
 

@@ -1,4 +1,4 @@
-"""The set loss: sigmoid focal (or varifocal) classification, L1 and GIoU on matched boxes, for every decoder layer."""
+"""The set loss: sigmoid focal (varifocal, matchability-aware) classification, L1 and GIoU on matched boxes, for every decoder layer."""
 import torch
 import torch.nn.functional as F
 from detectron2.utils import comm
@@ -23,6 +23,25 @@ def varifocal_loss(logits, target_scores, alpha=0.75, gamma=2.0):
     return F.binary_cross_entropy_with_logits(logits, target_scores, weight=weight, reduction="none")
 
 
+def matchability_aware_loss(logits, target_scores, gamma=1.5):
+    """DEIM's matchability-aware loss (MAL), element-wise.
+
+    Binary cross-entropy towards ``target_scores ** gamma`` (a matched query's IoU with its target,
+    for its class) with weight 1 where the targets are positive, and towards 0 with weight
+    ``p ** gamma`` elsewhere. Unlike :func:`varifocal_loss`, a positive of low IoU is not
+    down-weighted by its IoU: low-quality matches, which dense assignments make common, still teach.
+
+    Args:
+        logits, target_scores: ``[..., K]``.
+    Returns:
+        ``[..., K]``.
+    """
+    prob = logits.sigmoid().detach()
+    positive = target_scores > 0
+    weight = torch.where(positive, torch.ones_like(prob), prob.pow(gamma))
+    return F.binary_cross_entropy_with_logits(logits, target_scores.pow(gamma), weight=weight, reduction="none")
+
+
 class SetCriterion(nn.Module):
     """Losses of DETR-style set prediction, one loss function for every set of predictions.
 
@@ -35,8 +54,9 @@ class SetCriterion(nn.Module):
     of target boxes over all workers: one all-reduce per step, run by every worker whatever its
     images hold.
 
-    ``class_loss`` is ``"focal"`` (sigmoid focal loss, Deformable DETR) or ``"varifocal"``
-    (:func:`varifocal_loss` with ``vfl_alpha``: the class target of a matched query is its IoU).
+    ``class_loss`` is ``"focal"`` (sigmoid focal loss, Deformable DETR), ``"varifocal"``
+    (:func:`varifocal_loss` with ``vfl_alpha``) or ``"mal"`` (:func:`matchability_aware_loss` with
+    ``mal_gamma``); with the last two the class target of a matched query is its box's IoU.
 
     The two-stage proposals are matched one-to-one as the decoder's queries are, or, with a
     ``proposal_assigner`` (:class:`~.assigner.AnchorAssigner`, DETA's first stage, as detrex's DETA
@@ -45,16 +65,17 @@ class SetCriterion(nn.Module):
     """
 
     def __init__(self, num_classes, matcher, weight_class=2.0, weight_bbox=5.0, weight_giou=2.0,
-                 focal_alpha=0.25, focal_gamma=2.0, class_loss="focal", vfl_alpha=0.75, one2many_repeats=6,
-                 proposal_assigner=None):
+                 focal_alpha=0.25, focal_gamma=2.0, class_loss="focal", vfl_alpha=0.75, mal_gamma=1.5,
+                 one2many_repeats=6, proposal_assigner=None):
         super().__init__()
-        if class_loss not in ("focal", "varifocal"):
-            raise ValueError(f"MODEL.MF_DETR.LOSS.CLASS_TYPE must be 'focal' or 'varifocal', got {class_loss!r}")
+        if class_loss not in ("focal", "varifocal", "mal"):
+            raise ValueError(f"MODEL.MF_DETR.LOSS.CLASS_TYPE must be 'focal', 'varifocal' or 'mal', got {class_loss!r}")
         self.proposal_assigner = proposal_assigner
         self.num_classes, self.matcher = num_classes, matcher
         self.weights = {"loss_class": weight_class, "loss_bbox": weight_bbox, "loss_giou": weight_giou}
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
-        self.class_loss, self.vfl_alpha, self.one2many_repeats = class_loss, vfl_alpha, one2many_repeats
+        self.class_loss, self.vfl_alpha, self.mal_gamma = class_loss, vfl_alpha, mal_gamma
+        self.one2many_repeats = one2many_repeats
 
     @staticmethod
     def num_boxes(targets, device):
@@ -93,7 +114,9 @@ class SetCriterion(nn.Module):
         else:
             iou = box_iou(box_convert(src.detach(), "cxcywh", "xyxy"), box_convert(matched_boxes, "cxcywh", "xyxy"))
             target_classes[batch_idx, query_idx, matched_labels] = iou.diagonal().clamp(min=1e-6)
-            loss_class = varifocal_loss(logits.float(), target_classes, self.vfl_alpha, self.focal_gamma)
+            loss_class = (varifocal_loss(logits.float(), target_classes, self.vfl_alpha, self.focal_gamma)
+                          if self.class_loss == "varifocal" else
+                          matchability_aware_loss(logits.float(), target_classes, self.mal_gamma))
         if query_mask is not None:
             loss_class = loss_class * query_mask[..., None]
         losses = {

@@ -90,6 +90,7 @@ class MFDETR(nn.Module):
             "criterion": SetCriterion(
                 c.NUM_CLASSES, matcher, loss.CLASS_WEIGHT, loss.BBOX_WEIGHT, loss.GIOU_WEIGHT, loss.FOCAL_ALPHA,
                 loss.FOCAL_GAMMA, class_loss=loss.CLASS_TYPE, vfl_alpha=loss.VFL_ALPHA,
+                mal_gamma=loss.MAL_GAMMA,
                 one2many_repeats=c.ONE2MANY.REPEATS,
                 proposal_assigner=AnchorAssigner() if proposals.ASSIGN == "anchor_iou" else None,
             ),
