@@ -130,7 +130,7 @@ def test_output_dir_lock_kill_and_resume(tmp_path):
     --resume removes stale temporaries and the rows the killed run wrote after its checkpoint,
     applies the config's learning rate, and refuses another class count."""
     out = tmp_path / "out"
-    args = _small_run(out, "SOLVER.MAX_ITER", 400, "SOLVER.CHECKPOINT_PERIOD", 15)
+    args = _small_run(out, "SOLVER.MAX_ITER", 400, "SOLVER.CHECKPOINT_PERIOD", 15, "SOLVER.BASE_LR", 1e-3)
     first = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", TOY_CONFIG,
                               "DATASETS.TOY_ROOT", TOY_ROOT, *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
