@@ -150,8 +150,22 @@ def test_benchmark_breakdown_lists_every_part():
     result = _tool("benchmark.py", "--config-file", TOY_CONFIG, "--task", "eval", "--breakdown", "--runs", 2,
                    "--warmup", 1, "--input-size", 64, 96, "--runtime", "plain", "torch", "onnxruntime")
     assert result.returncode == 0, result.stderr[-3000:]
-    table = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines() if line.startswith("| ")]
+    tables = [[]]
+    for line in result.stdout.splitlines():
+        if line.startswith("|:"):  # the header's rule
+            continue
+        if line.startswith("| "):
+            tables[-1].append([c.strip() for c in line.split("|")[1:-1]])
+        elif tables[-1]:
+            tables.append([])
+    table, ops = tables[0], tables[1]
     assert table[0][1:6] == ["GFLOPs", "GFLOPs (torch)", "plain ms", "torch ms", "onnxruntime ms"]
+    # the profile per operator type: every kernel counted once, so they sum to no more than the run
+    assert ops[0] == ["op type", "nodes", "onnxruntime ms", "share"]
+    op_rows = {r[0]: r for r in ops[1:]}
+    assert int(op_rows["Conv"][1]) > 0 and "TopK" in op_rows and "ReorderInput" in op_rows, result.stdout
+    total = float({r[0]: r for r in table[1:]}["total"][5])
+    assert 0 < sum(float(r[2]) for r in ops[1:]) <= total * 1.05, result.stdout
     rows = {r[0]: r for r in table[1:]}
     for part in ("backbone stem", "neck", "query selection (two-stage)", "decoder layer 0", "decoder layer 2",
                  "post-processing (top-k, boxes)", "layout reorders (onnxruntime only)", "total"):

@@ -231,26 +231,41 @@ OTHER = "other (glue, masks, flattening)"
 
 
 def _onnxruntime_by_part(profile, model, parts, skip):
-    """ms per part of each ONNX Runtime run in ``profile`` (the session's JSON) after the first ``skip``:
-    a node belongs to the part whose module scope starts its name (torch.onnx names nodes
-    ``/backbone/blocks.3/...``); ONNX Runtime's own layout reorders (NCHWc) are a part of their own."""
+    """ms per part and per operator type of each ONNX Runtime run in ``profile`` (the session's JSON)
+    after the first ``skip``: a node belongs to the part whose module scope starts its name (torch.onnx
+    names nodes ``/backbone/blocks.3/...``); ONNX Runtime's own layout reorders (NCHWc) are a part of
+    their own. Returns two lists with a dict per run: part -> ms (and "total"), op type -> (nodes, ms)."""
     names = {module: name for name, module in model.named_modules()}
     scopes = [("." + names[m] + ".", part) for part, target in parts.items() for m in _modules_of(model, target)]
     with open(profile) as f:
         events = json.load(f)
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    records = []
+    records, by_op = [], []
     for run in [e for e in events if e.get("name") == "model_run"][skip:]:
-        record = {"total": run["dur"] / 1e3}
+        record, ops = {"total": run["dur"] / 1e3}, {}
         for e in nodes:
             if run["ts"] <= e["ts"] <= run["ts"] + run["dur"]:
+                op = e["args"].get("op_name", "?")
+                count, ms = ops.get(op, (0, 0.0))
+                ops[op] = (count + 1, ms + e["dur"] / 1e3)
                 dotted = e["name"].replace("/", ".")
-                part = REORDERS if e["args"].get("op_name", "").startswith("Reorder") else next(
+                part = REORDERS if op.startswith("Reorder") else next(
                     (p for scope, p in scopes if dotted.startswith(scope)), None)
                 if part:
                     record[part] = record.get(part, 0.0) + e["dur"] / 1e3
         records.append(record)
-    return records
+        by_op.append(ops)
+    return records, by_op
+
+
+def _op_table(by_op, total_ms):
+    """Rows (op type, nodes per run, median ms, share of the run) for ONNX Runtime's operator types,
+    slowest first; ``by_op`` as ``_onnxruntime_by_part`` returns it."""
+    types = {op for ops in by_op for op in ops}
+    rows = [[op, max(ops.get(op, (0, 0.0))[0] for ops in by_op),
+             float(np.median([ops.get(op, (0, 0.0))[1] for ops in by_op]))] for op in types]
+    rows.sort(key=lambda r: -r[2])
+    return [[op, n, f"{ms:.1f}", f"{100 * ms / total_ms:.0f}%"] for op, n, ms in rows]
 
 
 def bench_breakdown(args, cfg):
@@ -299,7 +314,8 @@ def bench_breakdown(args, cfg):
         with torch.no_grad():
             time_interleaved(calls, torch.device(cfg.MODEL.DEVICE), args.runs, args.warmup)
         if "onnxruntime" in calls:
-            records["onnxruntime"] = _onnxruntime_by_part(session.end_profiling(), plain, _parts(plain), args.warmup)
+            records["onnxruntime"], by_op = _onnxruntime_by_part(session.end_profiling(), plain, _parts(plain),
+                                                                 args.warmup)
     medians = {name: {part: np.median([r.get(part, 0.0) for r in record[-args.runs:]])
                       for part in list(flops) + [REORDERS, "total"]} for name, record in records.items()}
     rows = []
@@ -319,6 +335,11 @@ def bench_breakdown(args, cfg):
              if "onnxruntime" in medians else "") + ")")
     print(tabulate(rows, ["part", "GFLOPs", "GFLOPs (torch)", *(f"{n} ms" for n in medians), "share (torch)"],
                    tablefmt="pipe"))
+    if "onnxruntime" in medians:
+        print(f"\nONNX Runtime by operator type (kernel time; the run's total {medians['onnxruntime']['total']:.1f} ms "
+              "includes the time between kernels):")
+        print(tabulate(_op_table(by_op[-args.runs:], medians["onnxruntime"]["total"]),
+                       ["op type", "nodes", "onnxruntime ms", "share"], tablefmt="pipe"))
 
 
 def _timed(fn, part, current):
