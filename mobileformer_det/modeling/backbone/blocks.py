@@ -2,8 +2,8 @@
 github.com/AAboys/MobileFormer, ``DnaBlock`` is ``mf`` and ``DnaBlock3`` is ``down`` and ``lite``).
 
 Every block maps ``(x [N, C_in, H, W], tokens [N, M, d])`` to
-``(x [N, C_out, H/s, W/s], tokens [N, M, d])``. With ``masks = (mask_in, mask_out)`` (bool
-``[N, 1, H, W]`` and ``[N, 1, H/s, W/s]``, True inside the image) padded positions are zeroed before
+``(x [N, C_out, H/s, W/s], tokens [N, M, d])``. With ``masks = (mask_in, mask_out)`` (``[N, 1, H, W]``
+and ``[N, 1, H/s, W/s]``, 1 inside the image and 0 on padding) padded positions are zeroed before
 every spatial convolution and left out of Mobile->Former, so a padded image gives the same
 result as the image alone; ``masks=None`` is the reference's computation.
 """

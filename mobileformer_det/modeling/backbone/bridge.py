@@ -68,14 +68,17 @@ class MobileToFormer(nn.Module):
         Args:
             x: ``[N, C, H, W]``.
             tokens: ``[N, M, d]``.
-            mask: optional ``[N, 1, H, W]`` bool, True inside the image: padding is not attended to.
+            mask: optional ``[N, 1, H, W]``, 1 (or True) inside the image, 0 on padding, which is not
+                attended to.
         Returns:
             updated tokens, ``[N, M, d]``.
         """
         n, c, h, w = x.shape
         q = _split_heads(self.q(tokens), self.num_heads)                          # [N, h, M, C/h]
         kv = _map_to_heads(x, self.num_heads)                                     # [N, h, HW, C/h]
-        attn_mask = None if mask is None else mask.reshape(n, 1, 1, h * w)
+        # an additive bias, log(1) = 0 and log(0) = -inf: a bool mask is exported as a select on the
+        # whole [N, h, M, HW] score tensor, the bias as an add, which runtimes broadcast faster
+        attn_mask = None if mask is None else mask.reshape(n, 1, 1, h * w).to(q.dtype).log()
         out = F.scaled_dot_product_attention(
             q, kv.to(q.dtype), kv.to(q.dtype), attn_mask=attn_mask, scale=self.scale)
         out = _merge_heads(out) * (2.0 * F.hardsigmoid(self.gate(tokens)))        # [N, M, C]

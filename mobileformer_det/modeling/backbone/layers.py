@@ -32,7 +32,8 @@ def valid_mask(image_sizes, stride, height, width):
 
 
 def zero_padding(x, mask):
-    """``x * mask``: padded positions set to 0, as a convolution's own zero padding would see them."""
+    """``x * mask`` (``mask`` ``[N, 1, H, W]``, 1 or True inside the image): padded positions set to 0,
+    as a convolution's own zero padding would see them."""
     return x if mask is None else x * mask.to(x.dtype)
 
 

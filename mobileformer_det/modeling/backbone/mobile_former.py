@@ -191,12 +191,14 @@ class MobileFormer(Backbone):
         x = F.relu6(self.stem(x.contiguous(memory_format=self.memory_format)))
         tokens = self.tokens.unsqueeze(0).expand(x.shape[0], -1, -1)
         stride = 2
-        mask_in = None if image_sizes is None else valid_mask(image_sizes, stride, *x.shape[-2:])
+        # 0/1 masks in the maps' dtype, made once per stride: every zeroing is then one multiply and
+        # every bridge's attention bias one log, instead of a cast or a select per use
+        mask_in = None if image_sizes is None else valid_mask(image_sizes, stride, *x.shape[-2:]).to(x.dtype)
         for i, block in enumerate(self.blocks):
             if self._block_strides[i] != stride:
                 stride = self._block_strides[i]
                 h, w = (x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2
-                mask_out = None if image_sizes is None else valid_mask(image_sizes, stride, h, w)
+                mask_out = None if image_sizes is None else valid_mask(image_sizes, stride, h, w).to(x.dtype)
             else:
                 mask_out = mask_in
             x, tokens = block(x, tokens, (mask_in, mask_out))
