@@ -440,3 +440,39 @@ def test_int8_graph_detects_what_the_float_graph_detects(overfit_toy, tmp_path):
             assert found.any(1).all(), (runtime, f, a, b[:10])
             ious[runtime] += (iou * found).max(1).values.tolist()
     assert all(len(v) >= 4 and float(np.median(v)) > 0.85 for v in ious.values()), ious
+
+
+def test_int8_ranges_cut_outliers_and_survive_an_activation_that_barely_varies(tmp_path):
+    """The calibration keeps the central 99.99% of each activation: one pixel of 255 among values
+    up to 50 does not stretch the input's 8-bit range to 255 (min-max would: scale 1.0), and an
+    activation between 0.33333 and 0.33334 (ONNX Runtime's symmetric percentile default cannot
+    histogram it: "Too many bins for data range") is calibrated like any other."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mobileformer_det.quantize import quantize_graph
+
+    h, w = 160, 200  # the toy recipe's test size: calibration images pass its resize unchanged
+    rng = np.random.RandomState(0)
+    nodes = [helper.make_node("Mul", ["images", "tiny"], ["scaled"]),
+             helper.make_node("Add", ["scaled", "third"], ["flat"]),           # 0.33333 + [0, 5e-6]
+             helper.make_node("MatMul", ["flat", "w_flat"], ["y_flat"]),
+             helper.make_node("Conv", ["images", "w_conv"], ["y_conv"])]
+    inits = [numpy_helper.from_array(np.array(1e-7, np.float32), "tiny"),
+             numpy_helper.from_array(np.array(0.33333, np.float32), "third"),
+             numpy_helper.from_array(rng.randn(w, 2).astype(np.float32), "w_flat"),
+             numpy_helper.from_array(rng.randn(4, 3, 1, 1).astype(np.float32), "w_conv")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, h, w])],
+                              [helper.make_tensor_value_info("y_flat", TensorProto.FLOAT, [1, 3, h, 2]),
+                               helper.make_tensor_value_info("y_conv", TensorProto.FLOAT, [1, 4, h, w])], inits)
+    fp32, int8 = str(tmp_path / "g.onnx"), str(tmp_path / "g.int8.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), fp32)
+    images = [rng.randint(0, 51, (h, w, 3)).astype(np.uint8) for _ in range(4)]
+    images[2][10, 10, 0] = 255
+    quantize_graph(fp32, int8, toy_cfg(), images)
+
+    quantized = onnx.load(int8)
+    scales = {i.name: float(numpy_helper.to_array(i)) for i in quantized.graph.initializer if i.dims == []}
+    image_q = next(n for n in quantized.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "images")
+    assert 40 / 255 < scales[image_q.input[1]] < 60 / 255, scales[image_q.input[1]]
+    assert any(n.op_type == "QuantizeLinear" and n.input[0] == "flat" for n in quantized.graph.node)
