@@ -144,8 +144,16 @@ class FormerToMobile(nn.Module):
         Returns:
             ``[N, C, H, W]``.
         """
-        q = _map_to_heads(x, self.num_heads)                                      # [N, h, HW, C/h]
-        k = _split_heads(self.k(tokens), self.num_heads).to(q.dtype)              # [N, h, M, C/h]
-        v = _split_heads(self.v(tokens), self.num_heads).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)           # [N, h, HW, C/h]
-        return x + self.drop_path(_heads_to_map(out, x))
+        n, c, h, w = x.shape
+        # the scale goes on the keys (M tokens), not on the queries (every pixel)
+        k = _split_heads(self.k(tokens) * self.scale, self.num_heads).to(x.dtype)     # [N, h, M, C/h]
+        v = _split_heads(self.v(tokens), self.num_heads).to(x.dtype)                  # [N, h, M, C/h]
+        # Scores as [N, h, M, HW], normalised over the M tokens: a softmax along HW-long rows where
+        # [N, h, HW, M] would take one over each pixel's M (3-6) values, and a contiguous map is
+        # already its queries' transpose [N, h, C/h, HW], so no transpose of the map either way.
+        attn = torch.softmax(k @ _map_to_heads(x, self.num_heads).transpose(2, 3), dim=2)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            out = _heads_to_map(attn.transpose(2, 3) @ v, x)                          # [N, h, HW, C/h] -> map
+        else:
+            out = (v.transpose(2, 3) @ attn).reshape(n, c, h, w)                      # [N, h, C/h, HW] -> map
+        return x + self.drop_path(out)

@@ -25,7 +25,9 @@ def valid_mask(image_sizes, stride, height, width):
     Returns:
         ``[N, 1, height, width]`` bool, True inside the image.
     """
-    valid = torch.div(image_sizes + stride - 1, stride, rounding_mode="floor")
+    # sizes are not negative, so truncation is the floor: exported as one Div, where "floor" adds
+    # the sign corrections of a floor division of negative integers
+    valid = torch.div(image_sizes + stride - 1, stride, rounding_mode="trunc")
     rows = torch.arange(height, device=image_sizes.device)[None, :] < valid[:, :1]
     cols = torch.arange(width, device=image_sizes.device)[None, :] < valid[:, 1:]
     return (rows[:, :, None] & cols[:, None, :])[:, None]
