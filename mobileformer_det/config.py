@@ -69,6 +69,15 @@ def add_mobileformer_config(cfg):
     cfg.MODEL.MF_DETR.DECODER.AUX_LOSS = True
     # DINO's look-forward-twice box refinement (a layer's boxes keep the previous layer's gradient).
     cfg.MODEL.MF_DETR.DECODER.LOOK_FORWARD_TWICE = False
+    # How a layer refines the boxes: "offset" (Deformable DETR: an offset added to the previous boxes)
+    # or "distribution" (D-FINE's fine-grained distribution refinement: each edge a distribution over
+    # REG_MAX + 1 bins around anchor boxes from the first layer, refined in logit space by every
+    # layer; trained with LOSS.FGL_WEIGHT and LOSS.DDF_WEIGHT). REG_SCALE and REG_UP shape the bins
+    # (D-FINE's reg_scale and up): edges move up to +-2 * REG_UP * the anchor's size.
+    cfg.MODEL.MF_DETR.DECODER.BOX_REFINEMENT = "offset"
+    cfg.MODEL.MF_DETR.DECODER.REG_MAX = 32
+    cfg.MODEL.MF_DETR.DECODER.REG_SCALE = 4.0
+    cfg.MODEL.MF_DETR.DECODER.REG_UP = 0.5
 
     # The two-stage proposals: the decoder's initial reference boxes.
     cfg.MODEL.MF_DETR.PROPOSALS = CN()
@@ -116,6 +125,12 @@ def add_mobileformer_config(cfg):
     cfg.MODEL.MF_DETR.LOSS.FOCAL_GAMMA = 2.0
     cfg.MODEL.MF_DETR.LOSS.VFL_ALPHA = 0.75
     cfg.MODEL.MF_DETR.LOSS.MAL_GAMMA = 1.5
+    # With DECODER.BOX_REFINEMENT "distribution" (D-FINE's weights): the fine-grained localisation
+    # loss of every layer's edge distributions, and the decoupled distillation of the last layer's
+    # distributions into the earlier layers' (GO-LSD; 0 = off) at temperature DDF_TEMPERATURE.
+    cfg.MODEL.MF_DETR.LOSS.FGL_WEIGHT = 0.15
+    cfg.MODEL.MF_DETR.LOSS.DDF_WEIGHT = 1.5
+    cfg.MODEL.MF_DETR.LOSS.DDF_TEMPERATURE = 5.0
 
     cfg.MODEL.MF_DETR.TEST = CN()
     # Detections kept per image (top-k over queries x classes) and their minimum score.

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 PARTS = {
     "bridges": r"/(mobile_to_former|former_to_mobile|final_mobile_to_former)/",  # the two-way cross-attention
     "backbone": r"/backbone/",                      # the rest of Mobile-Former: convolutions, dynamic ReLUs, Former
-    "heads": r"/(class_heads|box_heads|enc_class_head|enc_box_head)\.?",  # class and box heads, proposals' too
+    "heads": r"/(class_heads|box_heads|pre_box_head|enc_class_head|enc_box_head)\.?",  # the proposals' and FDR anchors' too
     "decoder": r"/(transformer|neck|token_proj)/",  # neck, proposals' projection, decoder layers
 }
 OPS = ("Conv", "MatMul", "Gemm")

@@ -227,11 +227,11 @@ def test_padding_slots_of_denoising_do_not_change_real_queries():
     with torch.no_grad():
         encoded = encode(model, [image_input(0, 64, 96), image_input(1, 64, 96)])
         dn = build_denoising_queries(targets, 4, 6, 0.0, 0.4, model.transformer.num_queries, model.transformer.label_embed)
-        before, _ = model.transformer(**encoded, denoising=dn)
+        before, _, _ = model.transformer(**encoded, denoising=dn)
         padding = ~dn["valid"]
         dn["query"][padding] = torch.randn_like(dn["query"][padding]) * 10
         dn["reference"][padding] = torch.rand_like(dn["reference"][padding])
-        after, _ = model.transformer(**encoded, denoising=dn)
+        after, _, _ = model.transformer(**encoded, denoising=dn)
     for (l1, b1), (l2, b2) in zip(before, after):
         real = torch.cat([dn["valid"], torch.ones(2, l1.shape[1] - dn["valid"].shape[1], dtype=torch.bool)], 1)
         torch.testing.assert_close(l1[real], l2[real], atol=1e-5, rtol=1e-5)

@@ -54,7 +54,7 @@ def test_look_forward_twice_keeps_the_boxes_and_trains_the_previous_head_by_the_
     gradients = []
     for model in (plain, lft):
         encoded = encode(model, training_batch())
-        outputs, _ = model.transformer(**encoded)
+        outputs, _, _ = model.transformer(**encoded)
         # the last layer's boxes only: does the gradient reach layer 0's box head?
         outputs[-1][1].sum().backward()
         gradients.append([head.layers[-1].weight.grad for head in model.transformer.box_heads])
@@ -178,12 +178,12 @@ def test_one_to_many_queries_are_training_only_and_invisible_to_the_one_to_one_q
     with torch.no_grad():
         encoded = encode(model, training_batch())
         dn = build_denoising_queries(targets, 4, 30, 0.0, 0.4, 30 + 40, transformer.label_embed)
-        outputs, _ = transformer(**encoded, denoising=dn)
+        outputs, _, _ = transformer(**encoded, denoising=dn)
         d = dn["query"].shape[1]
         assert outputs[-1][0].shape[1] == d + 30 + 40
         # the one-to-one queries' outputs do not depend on the one-to-many queries
         transformer.query_embed.weight[30:] += torch.randn(40, transformer.query_embed.weight.shape[1])
-        changed, _ = transformer(**encoded, denoising=dn)
+        changed, _, _ = transformer(**encoded, denoising=dn)
     for (l1, b1), (l2, b2) in zip(outputs, changed):
         torch.testing.assert_close(l1[:, : d + 30], l2[:, : d + 30], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(b1[:, : d + 30], b2[:, : d + 30], atol=1e-5, rtol=1e-5)
@@ -192,7 +192,7 @@ def test_one_to_many_queries_are_training_only_and_invisible_to_the_one_to_one_q
     model.eval()
     with torch.no_grad():
         encoded = encode(model, [image_input(2, 64, 96)])
-        outputs, enc = transformer(**encoded)
+        outputs, enc, _ = transformer(**encoded)
     assert outputs[-1][0].shape[1] == 30 and enc["pred_logits"].shape[1] == 30
 
 

@@ -202,7 +202,8 @@ def _parts(model):
         parts["query selection (two-stage)"] = "transformer._select_queries"
     for i, layer in enumerate(transformer.decoder):
         parts[f"decoder layer {i}"] = [layer]
-    parts["class and box heads"] = list(transformer.class_heads) + list(transformer.box_heads)
+    parts["class and box heads"] = (list(transformer.class_heads) + list(transformer.box_heads)
+                                    + ([transformer.pre_box_head] if transformer.distribution else []))
     parts["post-processing (top-k, boxes)"] = [model.postprocess]
     return parts
 

@@ -5,6 +5,8 @@ from detectron2.utils import comm
 from torch import nn
 from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
+from .distribution import decoupled_distillation_loss, fine_grained_localization_loss
+
 
 def varifocal_loss(logits, target_scores, alpha=0.75, gamma=2.0):
     """Varifocal loss (VarifocalNet; RT-DETR's IoU-aware classification), element-wise.
@@ -62,12 +64,21 @@ class SetCriterion(nn.Module):
     ``proposal_assigner`` (:class:`~.assigner.AnchorAssigner`, DETA's first stage, as detrex's DETA
     criterion owns it), every map position's class score is trained against the targets the
     assigner gives its anchor, and its positives' boxes against those targets.
+
+    With D-FINE's distribution refinement (the transformer's ``distributions``), as D-FINE trains it:
+    the first layer's anchor boxes are a set of their own (``_pre``, ``_pre_dn``), every layer's
+    matched edge distributions get the FGL loss (``loss_fgl``, weight ``fgl_weight``) and every
+    layer but the last the object queries' DDF loss towards the last layer's (``loss_ddf``, weight
+    ``ddf_weight``, 0 = off). D-FINE also distils into the denoising queries and matches the
+    localisation losses to the union of all layers' matches; here each layer uses its own. The
+    one-to-many queries keep the class and box losses only.
     """
 
     def __init__(self, num_classes, matcher, weight_class=2.0, weight_bbox=5.0, weight_giou=2.0,
                  focal_alpha=0.25, focal_gamma=2.0, class_loss="focal", vfl_alpha=0.75, mal_gamma=1.5,
-                 one2many_repeats=6, proposal_assigner=None):
+                 one2many_repeats=6, proposal_assigner=None, fgl_weight=0.15, ddf_weight=1.5, ddf_temperature=5.0):
         super().__init__()
+        self.fgl_weight, self.ddf_weight, self.ddf_temperature = fgl_weight, ddf_weight, ddf_temperature
         if class_loss not in ("focal", "varifocal", "mal"):
             raise ValueError(f"MODEL.MF_DETR.LOSS.CLASS_TYPE must be 'focal', 'varifocal' or 'mal', got {class_loss!r}")
         self.proposal_assigner = proposal_assigner
@@ -99,12 +110,7 @@ class SetCriterion(nn.Module):
             normaliser: what the sums are divided by.
             query_mask: optional ``[N, Q]`` bool, the queries that count in the class loss (all if None).
         """
-        device = logits.device
-        batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(device)
-        query_idx = torch.cat([q for q, _ in indices]).to(device)
-        matched_labels = torch.cat([t["labels"][j.to(device)] for t, (_, j) in zip(targets, indices)])
-        matched_boxes = torch.cat([t["boxes"][j.to(device)] for t, (_, j) in zip(targets, indices)]).float()
-
+        batch_idx, query_idx, matched_labels, matched_boxes = self._matched(targets, indices, logits.device)
         src = boxes[batch_idx, query_idx].float()
         target_classes = torch.zeros_like(logits, dtype=torch.float32)
         if self.class_loss == "focal":
@@ -127,6 +133,38 @@ class SetCriterion(nn.Module):
         }
         return {k: v * self.weights[k] for k, v in losses.items()}
 
+    @staticmethod
+    def _matched(targets, indices, device):
+        """Batch and query indices ``[T]`` of the matches, their targets' labels ``[T]`` and boxes ``[T, 4]``."""
+        batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(device)
+        query_idx = torch.cat([q for q, _ in indices]).to(device)
+        labels = torch.cat([t["labels"][j.to(device)] for t, (_, j) in zip(targets, indices)])
+        boxes = torch.cat([t["boxes"][j.to(device)] for t, (_, j) in zip(targets, indices)]).float()
+        return batch_idx, query_idx, labels, boxes
+
+    def loss_distributions(self, outputs, corners, anchors, distributions, targets, indices, normaliser, distil):
+        """FGL of every layer and, if ``distil``, DDF of every layer but the last (weighted).
+
+        Args:
+            outputs: the layers' ``(logits [N, Q, K], boxes [N, Q, 4])``; corners: the layers'
+                ``[N, Q, 4 * (R + 1)]``; anchors ``[N, Q, 4]``; all of one set of queries.
+            distributions: the transformer's dict (its ``project`` and ``reg_scale``).
+            indices: per layer, the matches of :meth:`loss_set`.
+        Returns:
+            list over the layers of dicts ``{"loss_fgl"[, "loss_ddf"]}``.
+        """
+        project, reg_scale = distributions["project"], distributions["reg_scale"]
+        losses = []
+        for i, ((logits, boxes), layer_corners, layer_indices) in enumerate(zip(outputs, corners, indices)):
+            b, q, _, target_boxes = self._matched(targets, layer_indices, boxes.device)
+            layer = {"loss_fgl": self.fgl_weight / normaliser * fine_grained_localization_loss(
+                layer_corners[b, q], boxes[b, q], anchors[b, q], target_boxes, project, reg_scale)}
+            if distil and self.ddf_weight and i < len(outputs) - 1:
+                layer["loss_ddf"] = self.ddf_weight * decoupled_distillation_loss(
+                    layer_corners, corners[-1], outputs[-1][0], (b, q), boxes[b, q], target_boxes, self.ddf_temperature)
+            losses.append(layer)
+        return losses
+
     def loss_dense(self, dense, targets, normaliser):
         """:meth:`loss_set` of every map position (a ``DenseProposals``), the ``proposal_assigner``'s
         positives as matches and the positions it counts in the class loss."""
@@ -139,7 +177,7 @@ class SetCriterion(nn.Module):
         return self.loss_set(dense.logits, boxes, targets, [(p, gt) for p, gt, _ in assignments], normaliser,
                              torch.stack([c for _, _, c in assignments]))
 
-    def forward(self, outputs, targets, enc_outputs=None, denoising=None, num_one2many=0):
+    def forward(self, outputs, targets, enc_outputs=None, denoising=None, num_one2many=0, distributions=None):
         """
         Args:
             outputs: list over decoder layers of ``(logits [N, D+Q+Q2, K], boxes [N, D+Q+Q2, 4])``,
@@ -151,6 +189,8 @@ class SetCriterion(nn.Module):
                 (``DenseProposals``, read with a ``proposal_assigner``: its positives are the
                 matches and only the positions it counts are in the class loss).
             denoising: optional dict of ``build_denoising_queries``.
+            distributions: optional dict of the transformer's distribution refinement (its
+                ``initial`` and ``anchors`` ``[N, D+Q+Q2, 4]``, ``corners`` per layer, ``project``, ``reg_scale``).
         Returns:
             dict of scalar losses.
         """
@@ -165,8 +205,19 @@ class SetCriterion(nn.Module):
             losses.update({k + "_enc": v for k, v in self.loss_dense(enc_outputs["dense"], targets, num_boxes).items()})
         elif enc_outputs is not None:
             sets["_enc"] = (enc_outputs["pred_logits"], enc_outputs["pred_boxes"])
-        for (suffix, (logits, boxes)), indices in zip(sets.items(), self.matcher(list(sets.values()), targets)):
-            losses.update({k + suffix: v for k, v in self.loss_set(logits, boxes, targets, indices, num_boxes).items()})
+        if distributions is not None:
+            sets["_pre"] = (outputs[0][0][:, num_dn:end], distributions["initial"][:, num_dn:end])
+        matches = dict(zip(sets, self.matcher(list(sets.values()), targets)))
+        for suffix, (logits, boxes) in sets.items():
+            losses.update({k + suffix: v for k, v in self.loss_set(logits, boxes, targets, matches[suffix], num_boxes).items()})
+        suffixes = ["" if i == last else f"_{i}" for i in range(len(outputs))]
+        if distributions is not None:
+            layers = self.loss_distributions(
+                [sets[k] for k in suffixes], [c[:, num_dn:end] for c in distributions["corners"]],
+                distributions["anchors"][:, num_dn:end], distributions, targets, [matches[k] for k in suffixes],
+                num_boxes, distil=True)
+            for suffix, layer in zip(suffixes, layers):
+                losses.update({k + suffix: v for k, v in layer.items()})
         if num_one2many:
             # H-DETR: every target repeated, matched one-to-one to the extra queries (a second host copy)
             repeated = [{k: v.repeat(self.one2many_repeats, *[1] * (v.dim() - 1)) for k, v in t.items()} for t in targets]
@@ -177,9 +228,18 @@ class SetCriterion(nn.Module):
                 losses.update({k + suffix: v for k, v in layer.items()})
         if denoising is not None:
             normaliser = num_boxes * max(denoising["num_groups"], 1)
-            for i, (logits, boxes) in enumerate(outputs):
-                suffix = "_dn" if i == last else f"_dn_{i}"
-                layer = self.loss_set(logits[:, :num_dn], boxes[:, :num_dn], targets, denoising["indices"],
-                                      normaliser, denoising["valid"])
+            dn_sets = {("_dn" if i == last else f"_dn_{i}"): (logits[:, :num_dn], boxes[:, :num_dn])
+                       for i, (logits, boxes) in enumerate(outputs)}
+            if distributions is not None:
+                dn_sets["_pre_dn"] = (outputs[0][0][:, :num_dn], distributions["initial"][:, :num_dn])
+            for suffix, (logits, boxes) in dn_sets.items():
+                layer = self.loss_set(logits, boxes, targets, denoising["indices"], normaliser, denoising["valid"])
                 losses.update({k + suffix: v for k, v in layer.items()})
+            if distributions is not None:
+                layers = self.loss_distributions(
+                    list(dn_sets.values())[: len(outputs)], [c[:, :num_dn] for c in distributions["corners"]],
+                    distributions["anchors"][:, :num_dn], distributions, targets,
+                    [denoising["indices"]] * len(outputs), normaliser, distil=False)
+                for suffix, layer in zip(dn_sets, layers):
+                    losses.update({k + suffix: v for k, v in layer.items()})
         return losses

@@ -86,11 +86,13 @@ class MFDETR(nn.Module):
                 dropout=dec.DROPOUT, two_stage=proposals.TWO_STAGE, denoising=c.DENOISING.NUM_QUERIES > 0,
                 aux_loss=dec.AUX_LOSS, use_tokens=c.USE_TOKENS, look_forward_twice=dec.LOOK_FORWARD_TWICE,
                 num_queries_one2many=c.ONE2MANY.NUM_QUERIES, proposal_nms_thresh=proposals.NMS_THRESH,
+                box_refinement=dec.BOX_REFINEMENT, reg_max=dec.REG_MAX, reg_scale=dec.REG_SCALE, reg_up=dec.REG_UP,
             ),
             "criterion": SetCriterion(
                 c.NUM_CLASSES, matcher, loss.CLASS_WEIGHT, loss.BBOX_WEIGHT, loss.GIOU_WEIGHT, loss.FOCAL_ALPHA,
                 loss.FOCAL_GAMMA, class_loss=loss.CLASS_TYPE, vfl_alpha=loss.VFL_ALPHA,
-                mal_gamma=loss.MAL_GAMMA,
+                mal_gamma=loss.MAL_GAMMA, fgl_weight=loss.FGL_WEIGHT, ddf_weight=loss.DDF_WEIGHT,
+                ddf_temperature=loss.DDF_TEMPERATURE,
                 one2many_repeats=c.ONE2MANY.REPEATS,
                 proposal_assigner=AnchorAssigner() if proposals.ASSIGN == "anchor_iou" else None,
             ),
@@ -183,7 +185,7 @@ class MFDETR(nn.Module):
         Returns:
             (logits ``[N, Q, K]``, boxes ``[N, Q, 4]`` normalised cxcywh) of the last decoder layer.
         """
-        outputs, _ = self.transformer(**self.encode(images, image_sizes))
+        outputs, _, _ = self.transformer(**self.encode(images, image_sizes))
         return outputs[-1]
 
     def forward(self, batched_inputs):
@@ -209,9 +211,10 @@ class MFDETR(nn.Module):
                 targets, self.num_classes, self.dn_number, self.dn_label_noise, self.dn_box_noise,
                 self.transformer.num_queries + self.transformer.num_queries_one2many, self.transformer.label_embed,
                 self.dn_negatives)
-        outputs, enc_outputs = self.transformer(**self.encode(images.tensor, self.padded_sizes(images)),
-                                                denoising=denoising)
-        return self.criterion(outputs, targets, enc_outputs, denoising, self.transformer.num_queries_one2many)
+        outputs, enc_outputs, distributions = self.transformer(**self.encode(images.tensor, self.padded_sizes(images)),
+                                                               denoising=denoising)
+        return self.criterion(outputs, targets, enc_outputs, denoising, self.transformer.num_queries_one2many,
+                              distributions)
 
     @torch.no_grad()
     def deploy(self, channels_last=True):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .deformable_attention import MSDeformAttn
+from .distribution import distance_to_box, integral, weighting_function
 from .factored_memory import MemoryLinear
 from .position_encoding import sine_embed_coords
 from .query_selection import DenseProposals, grid_anchors, grid_centres, inverse_sigmoid, top_positions
@@ -119,12 +120,26 @@ class Transformer(nn.Module):
         proposal_nms_thresh: > 0: the two-stage proposals skip candidates that overlap a
             higher-scoring one by more than this IoU (:func:`~.query_selection.fast_nms_order`, over
             the best ``4 * num_queries`` positions), in training and inference. 0 = off.
+        box_refinement: ``"offset"`` (Deformable DETR: each layer's box head adds an offset to the
+            previous boxes in logit space) or ``"distribution"`` (D-FINE's FDR: the first layer's
+            ``pre_box_head`` gives anchor boxes; each layer's box head adds to the previous layer's
+            logits of four edge-distance distributions over ``reg_max + 1`` bins
+            (:mod:`.distribution`), whose expectations place the edges around the anchors). The
+            second needs ``aux_loss``.
+        reg_max, reg_scale, reg_up: FDR's bins: :func:`~.distribution.weighting_function`.
     """
 
     def __init__(self, dim, ffn_dim, num_levels, num_queries, num_classes, enc_layers=0, dec_layers=6,
                  num_heads=8, num_points=4, dropout=0.0, two_stage=True, denoising=False, aux_loss=True,
-                 use_tokens=True, look_forward_twice=False, num_queries_one2many=0, proposal_nms_thresh=0.0):
+                 use_tokens=True, look_forward_twice=False, num_queries_one2many=0, proposal_nms_thresh=0.0,
+                 box_refinement="offset", reg_max=32, reg_scale=4.0, reg_up=0.5):
         super().__init__()
+        if box_refinement not in ("offset", "distribution"):
+            raise ValueError(f"MODEL.MF_DETR.DECODER.BOX_REFINEMENT must be 'offset' or 'distribution', got {box_refinement!r}")
+        self.distribution = box_refinement == "distribution"
+        if self.distribution and (not aux_loss or look_forward_twice):
+            raise ValueError("MODEL.MF_DETR.DECODER.BOX_REFINEMENT 'distribution' refines every layer's distributions: "
+                             "set DECODER.AUX_LOSS True and DECODER.LOOK_FORWARD_TWICE False")
         self.proposal_nms_thresh = proposal_nms_thresh
         self.label_embed = nn.Embedding(num_classes, dim) if denoising else None
         self.num_queries, self.num_queries_one2many, self.two_stage = num_queries, num_queries_one2many, two_stage
@@ -137,7 +152,13 @@ class Transformer(nn.Module):
         self.query_embed = nn.Embedding(num_queries + num_queries_one2many, dim)
         num_heads_sets = dec_layers if aux_loss else 1
         self.class_heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(num_heads_sets))
-        self.box_heads = nn.ModuleList(MLP(dim, dim, 4, 3) for _ in range(num_heads_sets))
+        box_out = 4 * (reg_max + 1) if self.distribution else 4
+        self.box_heads = nn.ModuleList(MLP(dim, dim, box_out, 3) for _ in range(num_heads_sets))
+        if self.distribution:
+            self.pre_box_head = MLP(dim, dim, 4, 3)
+            self.reg_scale = reg_scale
+            # derived from the config, not a weight: not saved in checkpoints
+            self.register_buffer("project", weighting_function(reg_max, reg_up, reg_scale), persistent=False)
         if two_stage:
             self.enc_output = nn.Sequential(MemoryLinear(dim, dim), nn.LayerNorm(dim))
             self.enc_class_head = nn.Linear(dim, num_classes)
@@ -151,7 +172,9 @@ class Transformer(nn.Module):
         heads = list(self.class_heads) + ([self.enc_class_head] if self.two_stage else [])
         for head in heads:
             nn.init.constant_(head.bias, prior_bias)
-        for mlp in list(self.box_heads) + ([self.enc_box_head] if self.two_stage else []):
+        box_mlps = list(self.box_heads) + ([self.enc_box_head] if self.two_stage else [])
+        # zero last layers: offsets 0, or uniform distributions whose expectation is 0 (the anchor)
+        for mlp in box_mlps + ([self.pre_box_head] if self.distribution else []):
             nn.init.zeros_(mlp.layers[-1].weight)
             nn.init.zeros_(mlp.layers[-1].bias)
         if not self.two_stage:
@@ -215,7 +238,10 @@ class Transformer(nn.Module):
         Returns:
             (list over the decoder layers that have heads (all, or the last without ``aux_loss``) of
             ``(logits [N, D+Q+Q2, K], boxes [N, D+Q+Q2, 4] cxcywh in [0, 1])``, encoder outputs dict
-            of the Q one-to-one proposals (see ``_select_queries``) or None). Q2 =
+            of the Q one-to-one proposals (see ``_select_queries``) or None, and with
+            ``box_refinement="distribution"`` a dict for its losses, else None: ``initial`` the first
+            layer's ``pre_box_head`` boxes and ``anchors`` the same detached ``[N, D+Q+Q2, 4]``,
+            ``corners`` a list over the layers of ``[N, D+Q+Q2, 4 * (reg_max + 1)]`` logits). Q2 =
             ``num_queries_one2many`` in training, else 0.
         """
         if len(self.encoder):
@@ -244,11 +270,25 @@ class Transformer(nn.Module):
         outputs = []
         first_head = len(self.decoder) - len(self.class_heads)
         previous = reference                        # the previous layer's boxes, with their gradient
+        distributions = {"corners": []} if self.distribution else None
         for i, layer in enumerate(self.decoder):
             query_pos = self.query_pos_head(sine_embed_coords(reference, query.shape[-1] // 2).to(query.dtype))
+            layer_input = query
             query = layer(query, query_pos, reference[:, :, None] * ratios, memory, spatial_shapes,
                           padding_mask, tokens, token_pos, self_attn_mask)
-            if i >= first_head:
+            if self.distribution:
+                if i == 0:
+                    initial = (self.pre_box_head(query) + inverse_sigmoid(reference)).sigmoid()
+                    distributions.update(initial=initial, anchors=initial.detach(), project=self.project,
+                                         reg_scale=self.reg_scale)
+                    corners = 0.0
+                # D-FINE: the head also reads the previous layer's output (detached), and adds to its logits
+                corners = self.box_heads[i](query if i == 0 else query + layer_input.detach()) + corners
+                boxes = distance_to_box(distributions["anchors"], integral(corners, self.project), self.reg_scale)
+                outputs.append((self.class_heads[i](query), boxes))
+                distributions["corners"].append(corners)
+                reference = boxes.detach()
+            elif i >= first_head:
                 delta = self.box_heads[i - first_head](query)
                 refined = (delta + inverse_sigmoid(reference)).sigmoid()
                 # look forward twice: the same values, but the loss of these boxes also reaches
@@ -256,7 +296,7 @@ class Transformer(nn.Module):
                 boxes = (delta + inverse_sigmoid(previous)).sigmoid() if self.look_forward_twice else refined
                 outputs.append((self.class_heads[i - first_head](query), boxes))
                 previous, reference = refined, refined.detach()
-        return outputs, enc_outputs
+        return outputs, enc_outputs, distributions
 
     def _self_attn_mask(self, denoising, num_queries, num_one2many, device):
         """The decoder self-attention mask (True = blocked), or None when nothing is blocked:
