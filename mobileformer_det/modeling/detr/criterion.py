@@ -155,7 +155,7 @@ class SetCriterion(nn.Module):
         """
         project, reg_scale = distributions["project"], distributions["reg_scale"]
         losses = []
-        for i, ((logits, boxes), layer_corners, layer_indices) in enumerate(zip(outputs, corners, indices)):
+        for i, ((_, boxes), layer_corners, layer_indices) in enumerate(zip(outputs, corners, indices)):
             b, q, _, target_boxes = self._matched(targets, layer_indices, boxes.device)
             layer = {"loss_fgl": self.fgl_weight / normaliser * fine_grained_localization_loss(
                 layer_corners[b, q], boxes[b, q], anchors[b, q], target_boxes, project, reg_scale)}

@@ -51,7 +51,7 @@ def distance_to_box(anchors, distances, reg_scale):
     unit = size / reg_scale
     top_left = centre - (0.5 * reg_scale + distances[..., :2]) * unit
     bottom_right = centre + (0.5 * reg_scale + distances[..., 2:]) * unit
-    return torch.cat([(top_left + bottom_right) / 2, bottom_right - top_left], -1)
+    return box_convert(torch.cat([top_left, bottom_right], -1), "xyxy", "cxcywh")
 
 
 def box_to_bins(anchors, boxes, project, reg_scale):
