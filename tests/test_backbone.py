@@ -193,3 +193,27 @@ def test_unknown_variant_and_output_are_clear_errors():
         build_backbone(backbone_cfg("mf300"), ShapeSpec(channels=3))
     with pytest.raises(ValueError, match="unknown Mobile-Former output"):
         MobileFormer(VARIANTS["mf52"], out_features=("res6",))
+
+
+def test_mobile_from_former_exports_its_softmax_over_the_tokens_as_the_formula(tmp_path):
+    """Mobile<-Former normalises its [N, h, M, HW] scores over the M tokens (axis 2). ONNX Runtime's
+    Softmax kernel transposes for a non-last axis, so the export writes the formula instead; the
+    graph must still compute the eager bridge (and keep Softmax, where any, on the last axis)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from mobileformer_det.modeling.backbone.bridge import FormerToMobile
+
+    torch.manual_seed(0)
+    bridge = FormerToMobile(channels=24, token_dim=32, num_heads=2).eval()
+    x, tokens = torch.randn(2, 24, 10, 12), 3 * torch.randn(2, 6, 32)
+    path = str(tmp_path / "bridge.onnx")
+    torch.onnx.export(bridge, (x, tokens), path, input_names=["x", "tokens"], opset_version=17, dynamo=False)
+    graph = onnx.load(path).graph
+    axes = [a.i for n in graph.node if n.op_type == "Softmax" for a in n.attribute if a.name == "axis"]
+    assert all(axis in (-1, 3) for axis in axes), axes
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy(), "tokens": tokens.numpy()})[0]
+    with torch.no_grad():
+        expected = bridge(x, tokens).numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
