@@ -121,3 +121,20 @@ def test_train_net_and_export_with_distribution_refinement(tmp_path):
     line = next(x for x in log.splitlines() if "ONNX Runtime vs PyTorch" in x)
     boxes_px, scores = (float(x.split()[0].rstrip(",")) for x in line.split("boxes ")[1].split("scores ")[:2])
     assert boxes_px < 1e-2 and scores < 1e-4 and "labels equal: True" in line, line
+
+
+def test_flops_count_the_expectation_of_the_distributions():
+    """The expectation is a product with a vector, which fvcore's matmul handle rejects: one
+    multiply-add per bin and edge; a product of matrices keeps fvcore's count."""
+    from mobileformer_det.utils.flops import flop_count_analysis
+
+    class Expectation(torch.nn.Module):
+        def forward(self, corners):
+            return integral(corners, weighting_function(32, 0.5, 4.0))
+
+    class Product(torch.nn.Module):
+        def forward(self, a, b):
+            return a @ b
+
+    assert flop_count_analysis(Expectation(), (torch.zeros(2, 30, 4 * 33),)).total() == 2 * 30 * 4 * 33
+    assert flop_count_analysis(Product(), (torch.zeros(2, 3, 4), torch.zeros(4, 5))).total() == 2 * 3 * 4 * 5
