@@ -147,7 +147,10 @@ def test_train_losses_for_every_variant(variant):
     batch = [image_input(0, 96, 128, instances=make_instances([[10, 10, 40, 50], [60, 20, 120, 90]], [0, 3], (96, 128))),
              image_input(1, 80, 100, instances=make_instances([], [], (80, 100)))]   # no objects
     losses = model(batch)
-    expected = {f"loss_{k}{s}" for k in ("class", "bbox", "giou") for s in ("", "_0", "_enc", "_dn", "_dn_0")}
+    # the recipe's distribution refinement: its anchors' set losses (_pre), FGL on every layer, DDF
+    # from the last layer into the earlier one
+    expected = ({f"loss_{k}{s}" for k in ("class", "bbox", "giou") for s in ("", "_0", "_enc", "_dn", "_dn_0", "_pre", "_pre_dn")}
+                | {f"loss_fgl{s}" for s in ("", "_0", "_dn", "_dn_0")} | {"loss_ddf_0"})
     assert set(losses) == expected
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
@@ -257,11 +260,12 @@ def _padded_training_batch():
             image_input(1, 80, 72, instances=make_instances([[10, 20, 50, 70]], [3], (80, 72)))]
 
 
-@pytest.mark.parametrize("aux_loss", [True, False])
-def test_every_parameter_gets_a_gradient(aux_loss):
+@pytest.mark.parametrize("refinement, aux_loss", [("distribution", True), ("offset", True), ("offset", False)])
+def test_every_parameter_gets_a_gradient(refinement, aux_loss):
     """DistributedDataParallel (built without find_unused_parameters) needs every parameter in the graph."""
     torch.manual_seed(0)
-    model = build_model(toy_cfg("MODEL.MF_DETR.DECODER.AUX_LOSS", aux_loss)).train()
+    model = build_model(toy_cfg("MODEL.MF_DETR.DECODER.BOX_REFINEMENT", refinement,
+                                "MODEL.MF_DETR.DECODER.AUX_LOSS", aux_loss)).train()
     losses = model(_padded_training_batch())
     assert ("loss_class_0" in losses) == aux_loss and "loss_class" in losses and "loss_class_enc" in losses
     assert len(model.transformer.class_heads) == (3 if aux_loss else 1)

@@ -48,8 +48,10 @@ def test_without_tokens_the_token_sublayer_does_not_exist():
 
 def test_look_forward_twice_keeps_the_boxes_and_trains_the_previous_head_by_the_next_loss():
     torch.manual_seed(0)
-    plain = build_model(toy_cfg("MODEL.MF_DETR.DENOISING.NUM_QUERIES", 0)).train()
-    lft = build_model(toy_cfg("MODEL.MF_DETR.DENOISING.NUM_QUERIES", 0, "MODEL.MF_DETR.DECODER.LOOK_FORWARD_TWICE", True)).train()
+    # look-forward-twice refines offsets (the toy recipe refines distributions, which refuses it)
+    offsets = ("MODEL.MF_DETR.DENOISING.NUM_QUERIES", 0, "MODEL.MF_DETR.DECODER.BOX_REFINEMENT", "offset")
+    plain = build_model(toy_cfg(*offsets)).train()
+    lft = build_model(toy_cfg(*offsets, "MODEL.MF_DETR.DECODER.LOOK_FORWARD_TWICE", True)).train()
     lft.load_state_dict(plain.state_dict())
     gradients = []
     for model in (plain, lft):
