@@ -107,6 +107,7 @@ def main(argv=None):
         except (KeyError, ValueError) as e:
             parser.error(f"--calibration {calibration}: {e}")
     fp32_path = os.path.splitext(args.output)[0] + ".fp32.onnx" if args.int8 else args.output
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     model = load_model(cfg)
     export_onnx(model, fp32_path, height, width, dynamic_batch=args.dynamic_batch, opset=args.opset,
                 masked=not args.unmasked)
