@@ -127,7 +127,7 @@ def add_mobileformer_config(cfg):
     cfg.MODEL.MF_DETR.LOSS.MAL_GAMMA = 1.5
     # With DECODER.BOX_REFINEMENT "distribution" (D-FINE's weights): the fine-grained localisation
     # loss of every layer's edge distributions, and the decoupled distillation of the last layer's
-    # distributions into the earlier layers' (GO-LSD; 0 = off) at temperature DDF_TEMPERATURE.
+    # distributions into the earlier layers' (GO-LSD; 0.0 = off) at temperature DDF_TEMPERATURE.
     cfg.MODEL.MF_DETR.LOSS.FGL_WEIGHT = 0.15
     cfg.MODEL.MF_DETR.LOSS.DDF_WEIGHT = 1.5
     cfg.MODEL.MF_DETR.LOSS.DDF_TEMPERATURE = 5.0
