@@ -426,7 +426,7 @@ def test_int8_graph_detects_what_the_float_graph_detects(overfit_toy, tmp_path):
     # The same INT8 graph in OpenVINO too: exported with a batch of 1, its learned tokens' and
     # queries' first products are constants that must stay in float for OpenVINO to compile it.
     cfg = toy_cfg("MODEL.WEIGHTS", overfit_toy["weights"], *NO_NMS)
-    fp32 = Predictor(cfg, "onnxruntime", onnx_path=path.replace(".onnx", ".fp32.onnx"))
+    fp32 = Predictor(cfg, "onnxruntime", onnx_path=os.path.splitext(path)[0] + ".fp32.onnx")
     int8 = {runtime: Predictor(cfg, runtime, onnx_path=path) for runtime in ("onnxruntime", "openvino")}
     ious = {runtime: [] for runtime in int8}
     for f in _subset_files(overfit_toy):

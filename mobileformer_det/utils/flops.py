@@ -8,7 +8,7 @@ from operator import mul
 import torch
 from detectron2.utils.analysis import FlopCountAnalysis as DetectorFlopCountAnalysis
 from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape, matmul_flop_jit
+from fvcore.nn.jit_handles import get_shape
 
 
 def _sdpa_flop_jit(inputs, outputs):
@@ -19,14 +19,10 @@ def _sdpa_flop_jit(inputs, outputs):
 
 
 def _matmul_flop_jit(inputs, outputs):
-    """fvcore's count for ``a @ b``, and for a vector operand (``[..., K] @ [K]``: the expectation
-    of D-FINE's distributions, which fvcore's handle rejects) one multiply-add per entry of the other."""
-    a, b = (get_shape(x) for x in inputs[:2])
-    if len(b) == 1:
-        return reduce(mul, a, 1)
-    if len(a) == 1:
-        return reduce(mul, b, 1)
-    return matmul_flop_jit(inputs, outputs)
+    """``a @ b``: one multiply-add per output entry and entry of the reduced axis (``a``'s last).
+    fvcore's handle counts the same for matrices but rejects a vector operand (``[..., K] @ [K]``:
+    the expectation of D-FINE's distributions)."""
+    return reduce(mul, get_shape(outputs[0]), 1) * get_shape(inputs[0])[-1]
 
 
 EXTRA_OP_HANDLES = {"aten::scaled_dot_product_attention": _sdpa_flop_jit, "aten::matmul": _matmul_flop_jit}
