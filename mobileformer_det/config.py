@@ -56,6 +56,10 @@ def add_mobileformer_config(cfg):
     # Deformable encoder layers over the maps (with the decoder's FFN width, heads, points and
     # dropout); 0 = no encoder, which lets inference fold the neck into the decoder.
     cfg.MODEL.MF_DETR.ENC_LAYERS = 0
+    # RT-DETR's AIFI: self-attention encoder layers (with the decoder's FFN width, heads and
+    # dropout) over the positions of the last map of OUT_FEATURES only (stride 32 with res5), where
+    # they are few; 0 = off. Inference still folds the neck into the decoder on the other levels.
+    cfg.MODEL.MF_DETR.AIFI_LAYERS = 0
 
     cfg.MODEL.MF_DETR.DECODER = CN()
     cfg.MODEL.MF_DETR.DECODER.NUM_LAYERS = 6

@@ -29,7 +29,7 @@ def test_every_renamed_key_exists_under_its_new_name():
 def test_mf_detr_keys_are_grouped():
     """The top level holds the detector's shape only; the rest is in the sub-nodes."""
     c = setup_cfg().MODEL.MF_DETR
-    assert set(c) == {"NUM_CLASSES", "NUM_QUERIES", "HIDDEN_DIM", "NUM_FEATURE_LEVELS", "USE_TOKENS", "ENC_LAYERS",
+    assert set(c) == {"NUM_CLASSES", "NUM_QUERIES", "HIDDEN_DIM", "NUM_FEATURE_LEVELS", "USE_TOKENS", "ENC_LAYERS", "AIFI_LAYERS",
                       "DECODER", "PROPOSALS", "DENOISING", "ONE2MANY", "MATCHER", "LOSS", "TEST"}
 
 

@@ -260,12 +260,13 @@ def _padded_training_batch():
             image_input(1, 80, 72, instances=make_instances([[10, 20, 50, 70]], [3], (80, 72)))]
 
 
-@pytest.mark.parametrize("refinement, aux_loss", [("distribution", True), ("offset", True), ("offset", False)])
-def test_every_parameter_gets_a_gradient(refinement, aux_loss):
+@pytest.mark.parametrize("refinement, aux_loss, aifi", [("distribution", True, 1), ("offset", True, 0), ("offset", False, 0)])
+def test_every_parameter_gets_a_gradient(refinement, aux_loss, aifi):
     """DistributedDataParallel (built without find_unused_parameters) needs every parameter in the graph."""
     torch.manual_seed(0)
     model = build_model(toy_cfg("MODEL.MF_DETR.DECODER.BOX_REFINEMENT", refinement,
-                                "MODEL.MF_DETR.DECODER.AUX_LOSS", aux_loss)).train()
+                                "MODEL.MF_DETR.DECODER.AUX_LOSS", aux_loss, "MODEL.MF_DETR.AIFI_LAYERS", aifi)).train()
+    assert len(model.neck.aifi) == aifi
     losses = model(_padded_training_batch())
     assert ("loss_class_0" in losses) == aux_loss and "loss_class" in losses and "loss_class_enc" in losses
     assert len(model.transformer.class_heads) == (3 if aux_loss else 1)

@@ -69,6 +69,8 @@ def test_folded_batch_norm_and_channels_last_compute_the_same_maps(variant):
     ((), ["0", "1", "2", "3"]),
     # res4 (64 channels) and res5 (96) are not narrower than a 64-wide memory: their own factors
     (("MODEL.MF_DETR.NUM_FEATURE_LEVELS", 5, "MODEL.MF_DETR.HIDDEN_DIM", 64), ["0", "1"]),
+    # AIFI rewrites res5's level: its own factor, the other levels still folded
+    (("MODEL.MF_DETR.AIFI_LAYERS", 1), ["0", "1", "2"]),
 ])
 def test_folded_neck_gives_every_memory_reader_what_the_neck_gives_it(opts, factored):
     """The value projections and the proposal projection of the factored memory equal those of the
@@ -194,6 +196,28 @@ def test_masked_graph_computes_evaluations_detections_whatever_fills_the_padding
     torch.testing.assert_close(scores[0], expected.scores, atol=1e-5, rtol=0)
     assert labels[0].tolist() == expected.pred_classes.tolist()
     assert (unmasked[0] - expected.scores).abs().max() > 1e-3
+
+
+def test_aifi_graph_gives_each_image_of_a_mixed_batch_its_eager_detections(tmp_path):
+    """With AIFI on the coarsest map (attention masked on the padding, positions normalised to the
+    image), ONNX Runtime on two images of different sizes on noisy canvases, each with its size,
+    gives the detections the Detectron2 model gives each image alone (padded to a multiple of 32)."""
+    from mobileformer_det.deploy import export_onnx, graph_runner
+
+    torch.manual_seed(0)
+    model = _with_batch_norm_statistics(build_model(toy_cfg("MODEL.MF_DETR.AIFI_LAYERS", 1, *NO_NMS))).eval()
+    path = export_onnx(copy.deepcopy(model), str(tmp_path / "aifi.onnx"), *GRAPH_SIZE, dynamic_batch=True)
+    images = [torch.randint(0, 256, (3, 150, 190), dtype=torch.uint8), torch.randint(0, 256, (3, 100, 224), dtype=torch.uint8)]
+    canvas = torch.randint(0, 256, (2, 3, *GRAPH_SIZE)).float()
+    for i, image in enumerate(images):
+        canvas[i, :, :image.shape[1], :image.shape[2]] = image
+    boxes, scores, labels = graph_runner(path, "onnxruntime", 2)(canvas.numpy(), [im.shape[1:] for im in images])
+    for i, image in enumerate(images):
+        with torch.no_grad():
+            expected = model([{"image": image}])[0]["instances"]
+        np.testing.assert_allclose(scores[i], expected.scores.numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(boxes[i], expected.pred_boxes.tensor.numpy(), atol=1e-2, rtol=0)
+        assert labels[i].tolist() == expected.pred_classes.tolist()
 
 
 def test_place_puts_the_image_at_the_top_left_of_a_canvas_of_the_mean():

@@ -301,3 +301,23 @@ def test_dense_assignment_and_proposal_nms_train_and_choose_apart():
         build_model(toy_cfg("MODEL.MF_DETR.PROPOSALS.ASSIGN", "atss"))
     with pytest.raises(ValueError, match="TWO_STAGE"):
         build_model(toy_cfg("MODEL.MF_DETR.PROPOSALS.ASSIGN", "anchor_iou", "MODEL.MF_DETR.PROPOSALS.TWO_STAGE", False))
+
+
+def test_aifi_encodes_the_coarsest_level_only():
+    """AIFI_LAYERS 1 adds one self-attention layer over the last backbone map's positions (res5):
+    with the same weights everywhere else, the memory of the finer levels is unchanged and every
+    position of res5's is rewritten. A negative count is refused."""
+    torch.manual_seed(0)
+    plain = build_model(toy_cfg()).eval()
+    aifi = build_model(toy_cfg("MODEL.MF_DETR.AIFI_LAYERS", 1)).eval()
+    missing, unexpected = aifi.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("neck.aifi.0.") for k in missing), missing
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        expected, got = plain.encode(x), aifi.encode(x)
+    h, w = got["spatial_shapes"][-1]
+    assert got["spatial_shapes"] == expected["spatial_shapes"] and (h, w) == (3, 4)
+    assert torch.equal(got["memory"][:, :-h * w], expected["memory"][:, :-h * w])
+    assert (got["memory"][:, -h * w:] - expected["memory"][:, -h * w:]).abs().amax(-1).min() > 1e-2
+    with pytest.raises(ValueError, match="AIFI_LAYERS must be >= 0"):
+        build_model(toy_cfg("MODEL.MF_DETR.AIFI_LAYERS", -1))

@@ -29,8 +29,9 @@ calls, e.g. one per seed, interrupted, and extended by another model.
 
 **Options.** A model name may carry ``+option`` (``OPTIONS``): ``mf52+ema`` is MF-DETR mf52
 trained with D-FINE's weight average (``MODEL_EMA``), ``mf52+mal`` with DEIM's matchability-aware
-class loss, ``mf52+fdr`` with D-FINE's distribution refinement of the boxes, timed and trained
-beside ``mf52``; ``mf52+ema+mal`` with both of the first two.
+class loss, ``mf52+fdr`` with D-FINE's distribution refinement of the boxes, ``mf52+aifi`` with
+one AIFI encoder layer on the coarsest map, timed and trained beside ``mf52``; ``mf52+ema+mal``
+with both of the first two.
 
 Prints a table of AP / AP50 / AP75 (mean and standard deviation over the seeds) at each point, with
 the training minutes it stands for, and writes it with every run's figures to ``OUTPUT/results.json``.
@@ -78,6 +79,8 @@ OPTIONS = {
             "MODEL.MF_DETR.LOSS.CLASS_WEIGHT", 1.0],
     # D-FINE's fine-grained distribution refinement with its losses (FGL, and GO-LSD's DDF) at its weights.
     "fdr": ["MODEL.MF_DETR.DECODER.BOX_REFINEMENT", "distribution"],
+    # RT-DETR's and D-FINE's lightweight encoder: one AIFI layer on the coarsest backbone map.
+    "aifi": ["MODEL.MF_DETR.AIFI_LAYERS", 1],
 }
 
 

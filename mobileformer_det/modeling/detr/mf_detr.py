@@ -79,7 +79,8 @@ class MFDETR(nn.Module):
             "backbone": backbone,
             "in_features": in_features,
             "num_classes": c.NUM_CLASSES,
-            "neck": Neck([shapes[f].channels for f in in_features], c.HIDDEN_DIM, num_extra),
+            "neck": Neck([shapes[f].channels for f in in_features], c.HIDDEN_DIM, num_extra, aifi_layers=c.AIFI_LAYERS,
+                         ffn_dim=dec.DIM_FEEDFORWARD, num_heads=dec.NHEADS, dropout=dec.DROPOUT),
             "transformer": Transformer(
                 c.HIDDEN_DIM, dec.DIM_FEEDFORWARD, c.NUM_FEATURE_LEVELS, c.NUM_QUERIES, c.NUM_CLASSES,
                 enc_layers=c.ENC_LAYERS, dec_layers=dec.NUM_LAYERS, num_heads=dec.NHEADS, num_points=dec.NUM_POINTS,

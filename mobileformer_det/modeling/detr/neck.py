@@ -3,7 +3,36 @@ import torch
 from detectron2.layers import get_norm
 from torch import nn
 
-__all__ = ["Neck"]
+from .position_encoding import sine_embed_mask
+from .transformer import FFN
+
+__all__ = ["IntraScaleLayer", "Neck"]
+
+
+class IntraScaleLayer(nn.Module):
+    """RT-DETR's AIFI (attention-based intra-scale feature interaction) layer: multi-head
+    self-attention over the positions of one map, the position encoding added to queries and keys,
+    then the FFN, each with a residual and a LayerNorm (post-norm)."""
+
+    def __init__(self, dim, ffn_dim, num_heads, dropout=0.0):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.ffn = FFN(dim, ffn_dim, dropout)
+
+    def forward(self, x, pos, key_bias=None):
+        """
+        Args:
+            x, pos: ``[N, S, dim]``, the map's positions and their encoding.
+            key_bias: ``[N, S]`` added to the attention scores (0 inside the image, -inf on
+                padding, which no position attends to), or None.
+        Returns:
+            ``[N, S, dim]``.
+        """
+        q = x + pos
+        out = self.self_attn(q, q, x, key_padding_mask=key_bias, need_weights=False)[0]
+        return self.ffn(self.norm(x + self.dropout(out)))
 
 
 class Neck(nn.Module):
@@ -14,12 +43,18 @@ class Neck(nn.Module):
     Deformable DETR normalises with GroupNorm, whose statistics run over the whole padded map;
     a per-position LayerNorm keeps an image's features independent of the batch's padding.
 
+    With ``aifi_layers`` > 0 the last backbone level's projection is then encoded by that many
+    :class:`IntraScaleLayer` (RT-DETR's AIFI on its coarsest map; ``ffn_dim``, ``num_heads``,
+    ``dropout`` are theirs) before its level embedding; the extra levels still read the backbone's map.
+
     After :meth:`convert_to_deploy` the neck gives the memory in factored form
     (``factored_memory.py``), which only the memory's readers (``MemoryLinear``) take.
     """
 
-    def __init__(self, in_channels, dim, num_extra=0):
+    def __init__(self, in_channels, dim, num_extra=0, aifi_layers=0, ffn_dim=1024, num_heads=8, dropout=0.0):
         super().__init__()
+        if aifi_layers < 0:
+            raise ValueError(f"MODEL.MF_DETR.AIFI_LAYERS must be >= 0 (0 = off), got {aifi_layers}")
         self.lateral = nn.ModuleList(nn.Sequential(nn.Conv2d(c, dim, 1), get_norm("LN", dim)) for c in in_channels)
         extra_in = [in_channels[-1]] + [dim] * (num_extra - 1)
         self.extra = nn.ModuleList(
@@ -29,6 +64,7 @@ class Neck(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+        self.aifi = nn.ModuleList(IntraScaleLayer(dim, ffn_dim, num_heads, dropout) for _ in range(aifi_layers))
         self.variance = None  # deployed form: level -> 1x1 conv by R (an nn.ModuleDict)
 
     def forward(self, maps, level_embed, mask_fn=None):
@@ -45,7 +81,7 @@ class Neck(nn.Module):
         """
         if self.variance is not None:
             return self._factors(maps, mask_fn)
-        levels = [norm(conv(x)) for (conv, norm), x in zip(self.lateral, maps)] + self._extra_levels(maps[-1], mask_fn)
+        levels = [self._lateral(lvl, x, mask_fn) for lvl, x in enumerate(maps)] + self._extra_levels(maps[-1], mask_fn)
         # The level embedding is added to the features themselves: the decoder and the proposal
         # heads read them without positions (deformable attention samples each level apart).
         memory = [x.flatten(2).transpose(1, 2) + level_embed[lvl].to(x.dtype) for lvl, x in enumerate(levels)]
@@ -55,7 +91,7 @@ class Neck(nn.Module):
         """The deployed form: a lateral level narrower than the memory as ``[x * r, r, 1]``
         ``[N, C_l + 2, H_l, W_l]`` (``r``: the reciprocal standard deviation its LayerNorm divides
         by at each position), any other level as ``[y, 1]`` ``[N, dim + 1, H_l, W_l]`` with ``y``
-        the normalised level; each flattened."""
+        the level (normalised, and encoded with AIFI); each flattened."""
         factors = []
         for lvl, ((conv, norm), x) in enumerate(zip(self.lateral, maps)):
             if str(lvl) in self.variance:
@@ -65,7 +101,7 @@ class Neck(nn.Module):
                 r = torch.rsqrt(variance + norm.eps)
                 factors.append(torch.cat([x * r, r, torch.ones_like(r)], 1))
             else:
-                factors.append(_with_ones(norm(conv(x))))
+                factors.append(_with_ones(self._lateral(lvl, x, mask_fn)))
         factors += [_with_ones(y) for y in self._extra_levels(maps[-1], mask_fn)]
         return tuple(f.flatten(2) for f in factors), [tuple(f.shape[-2:]) for f in factors]
 
@@ -83,7 +119,7 @@ class Neck(nn.Module):
         factors = []
         for lvl, (conv, norm) in enumerate(self.lateral):
             weight = conv.weight.double().flatten(1)                              # [dim, C_l]
-            if weight.shape[1] + 2 > dim:
+            if weight.shape[1] + 2 > dim or self._encoded(lvl):
                 factors.append(torch.cat([eye, embed[lvl][:, None]], 1))
                 continue
             # LayerNorm first subtracts the mean over the output channels: linear in [x; 1]
@@ -101,6 +137,28 @@ class Neck(nn.Module):
         for lvl in range(len(self.lateral), level_embed.shape[0]):
             factors.append(torch.cat([eye, embed[lvl][:, None]], 1))
         return factors
+
+    def _encoded(self, lvl):
+        """Whether AIFI encodes lateral level ``lvl`` (the last one, when it is on)."""
+        return len(self.aifi) > 0 and lvl == len(self.lateral) - 1
+
+    def _lateral(self, lvl, x, mask_fn):
+        """Lateral level ``lvl`` of backbone map ``x``: ``[N, dim, H_l, W_l]``, normalised, and
+        encoded by AIFI when it is the last (``mask_fn(1, h, w)`` gives its valid positions)."""
+        conv, norm = self.lateral[lvl]
+        y = norm(conv(x))
+        if not self._encoded(lvl):
+            return y
+        n, c, h, w = y.shape
+        valid = None if mask_fn is None else mask_fn(1, h, w)[:, 0]                     # [N, h, w] bool
+        padding = torch.zeros(n, h, w, dtype=torch.bool, device=y.device) if valid is None else ~valid
+        pos = sine_embed_mask(padding, c // 2).to(y.dtype).flatten(2).transpose(1, 2)   # [N, hw, dim]
+        # log(1) = 0, log(0) = -inf: padded keys get no weight (as the backbone's bridges mask)
+        key_bias = None if valid is None else valid.flatten(1).to(y.dtype).log()
+        out = y.flatten(2).transpose(1, 2)
+        for layer in self.aifi:
+            out = layer(out, pos, key_bias)
+        return out.transpose(1, 2).reshape(n, c, h, w)
 
     def _extra_levels(self, x, mask_fn):
         """The extra levels from the last map ``x``: list of ``[N, dim, H_l, W_l]``."""
