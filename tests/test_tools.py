@@ -97,6 +97,19 @@ def test_analyze_model_smoke():
     assert "| backbone" in result.stdout and "| total" in result.stdout and "MFDETR(" in result.stdout
 
 
+def test_analyze_model_takes_overrides_right_after_the_tasks():
+    """KEY VALUE pairs written after --tasks's list reach the config (argparse's nargs="+" takes
+    them as tasks); a misspelt task is named before any work."""
+    def neck_gflops(*opts):
+        result = _tool("analyze_model.py", "--config-file", TOY_CONFIG, "--tasks", "flop", *opts)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return float(next(line for line in result.stdout.splitlines() if line.startswith("| neck")).split("|")[2])
+
+    assert neck_gflops("MODEL.MF_DETR.AIFI_LAYERS", 1) > neck_gflops()
+    bad = _tool("analyze_model.py", "--config-file", TOY_CONFIG, "--tasks", "flops")
+    assert bad.returncode != 0 and "unknown task 'flops'" in bad.stderr, bad.stderr[-2000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["eval", "train", "data", "checks"])
 def test_benchmark_smoke(task):

@@ -81,14 +81,22 @@ def detectors_table(cfg):
     return tabulate(rows, headers, tablefmt="pipe")
 
 
+TASKS = ["flop", "parameter", "structure", "variants", "detectors"]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", default="", metavar="FILE")
-    parser.add_argument("--tasks", nargs="+", default=["flop", "parameter"],
-                        choices=["flop", "parameter", "structure", "variants", "detectors"])
+    parser.add_argument("--tasks", nargs="+", default=["flop", "parameter"], metavar="TASK",
+                        help=f"any of {TASKS}")
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
+    # nargs="+" also takes KEY VALUE pairs written right after the tasks: hand those back to opts.
+    n = next((i for i, a in enumerate(args.tasks) if a not in TASKS), len(args.tasks))
+    if n == 0 or (n < len(args.tasks) and not args.tasks[n].split(".")[0].isupper()):
+        parser.error(f"--tasks: unknown task {args.tasks[n]!r}; choose among {TASKS}")
+    args.tasks, args.opts = args.tasks[:n], args.tasks[n:] + args.opts
     setup_logger(name="fvcore", abbrev_name="fvcore")
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     torch.set_grad_enabled(False)
