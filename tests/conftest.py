@@ -19,6 +19,20 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+def pytest_report_header(config):
+    # Integer and float kernels differ by instruction set (VNNI, AVX-512, AMX): name the CPU in
+    # every log, so that a failure seen on one CI host and not another can be traced to it.
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return None
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    isa = [f for f in flags if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")]
+    return f"cpu: {model}, {os.cpu_count()} cores, {' '.join(isa) or 'no AVX2'}"
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
