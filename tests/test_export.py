@@ -423,8 +423,8 @@ def test_int8_graph_detects_what_the_float_graph_detects(overfit_toy, tmp_path):
     near IoU 0.9 with their objects, where INT8 rounding crosses thresholds (measured drops from 1.5
     to 10.8 AP over four trainings, AP50 100 in each). Scores are not held close either: calibrated
     on 4 images, they moved by up to 0.04 in one training and by 0.29 and 0.77 (a 10x9-pixel shape)
-    in another. The recipes' trained models lose 4.0 AP (toy) and 1.4 (crowd), 1.2 and 0.3 with the
-    backbone in float, on the full validation sets (docs/deploy.md).
+    in another. The toy recipe's trained model loses 1.9 AP, 0.3 with the backbone in float, on
+    the full validation set (docs/deploy.md).
     With ``--float-parts heads`` the heads' products stay in float and every other part's are
     quantized."""
     import onnx
