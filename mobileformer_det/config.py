@@ -172,6 +172,15 @@ def add_mobileformer_config(cfg):
     cfg.INPUT.DETR_CROP.RESIZE_SHORT = (400, 500, 600)
     cfg.INPUT.DETR_CROP.SIZE = (384, 600)
 
+    # DEIM's dense one-to-one matching: with probability PROB a training image becomes a 2x2 mosaic
+    # of itself and three random training images (each resized to its size), so that each image
+    # brings four times the objects to the one-to-one matching; until iteration UNTIL_ITER (0: the
+    # whole schedule), after which the images are plain again (DEIM stops it halfway).
+    cfg.INPUT.MOSAIC = CN()
+    cfg.INPUT.MOSAIC.ENABLED = False
+    cfg.INPUT.MOSAIC.PROB = 0.5
+    cfg.INPUT.MOSAIC.UNTIL_ITER = 0
+
     # Extra COCO-format datasets, registered from the config: a list of (name, json, image_root).
     cfg.DATASETS.COCO_FORMAT = []
     # Where the embedded toy dataset is written (generated on first use).

@@ -31,7 +31,7 @@ from .data import (
 )
 from .ema import EMAHook, ModelEMA
 
-__all__ = ["Trainer", "build_optimizer", "ClippingTrainer", "ClippingAMPTrainer", "ReplicaCheck", "ReadableCOCOEvaluator",
+__all__ = ["Trainer", "build_optimizer", "ClippingTrainer", "ClippingAMPTrainer", "ReplicaCheck", "DataProgress", "ReadableCOCOEvaluator",
            "claim_output_dir", "truncate_metrics"]
 
 logger = logging.getLogger(__name__)
@@ -306,6 +306,21 @@ class ReplicaCheck(hooks.HookBase):
         self.check()
 
 
+class DataProgress(hooks.HookBase):
+    """Writes the iteration about to run into ``progress``, the shared tensor that the training
+    mapper's schedule reads (``INPUT.MOSAIC.UNTIL_ITER``) in every data loader worker. Workers map
+    a few batches ahead (prefetching), so a schedule's switch reaches the model a few steps late."""
+
+    def __init__(self, progress):
+        self._progress = progress
+
+    def before_train(self):
+        self._progress.fill_(self.trainer.iter)   # the resumed iteration, before the workers start
+
+    def before_step(self):
+        self._progress.fill_(self.trainer.iter)
+
+
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with the DETR mapper, AdamW + backbone multiplier, full-model gradient
     clipping (AMP-safe), COCOEvaluator, and a checkpointer that writes atomically and checks the
@@ -446,7 +461,10 @@ class Trainer(DefaultTrainer):
         check_training_boxes(dicts, cfg.DATASETS.TRAIN, dropped)
         for name in cfg.DATASETS.TRAIN:
             check_num_classes(cfg.MODEL.MF_DETR.NUM_CLASSES, name)
-        return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True), dataset=dicts)
+        mapper = DetrDatasetMapper(cfg, is_train=True, dataset_dicts=dicts)
+        loader = build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
+        loader.progress = mapper.progress  # the iteration the mapper's schedule reads (DataProgress writes it)
+        return loader
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -482,6 +500,9 @@ class Trainer(DefaultTrainer):
                 hook_list[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_averaged_weights)
         if self.model_ema is not None:
             hook_list.insert(2, EMAHook(self.model_ema, unwrap(self.model)))  # after the timer and scheduler
+        progress = getattr(self._trainer.data_loader, "progress", None)
+        if progress is not None:
+            hook_list.insert(0, DataProgress(progress))
         if comm.get_world_size() > 1:  # last on every process: collectives run in the same order
             hook_list.append(ReplicaCheck(self.model, self.cfg.SOLVER.CHECKPOINT_PERIOD))
         return hook_list

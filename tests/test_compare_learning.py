@@ -128,3 +128,13 @@ def test_compare_learning_trains_both_for_the_same_time_and_resumes(tmp_path, ca
     with pytest.raises(SystemExit) as bad:
         compare_learning.main(["--config-file", TOY_CONFIG, "--models", "mf52+emma"])
     assert bad.value.code == 2 and "unknown option 'emma' in 'mf52+emma'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", sorted(compare_learning.OPTIONS))
+def test_every_option_is_a_config_the_detector_builds_with(option):
+    """Each ``+option`` names keys of the config, and the toy recipe with it builds its model."""
+    cfg = toy_cfg(*compare_learning.model_overrides(f"mf52+{option}"))
+    assert cfg.MODEL.MOBILEFORMER.VARIANT == "mf52"
+    build_model(cfg)
+    with pytest.raises(ValueError, match="unknown option 'mosiac'"):
+        compare_learning.model_overrides("mf52+mosiac")

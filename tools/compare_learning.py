@@ -30,7 +30,8 @@ calls, e.g. one per seed, interrupted, and extended by another model.
 **Options.** A model name may carry ``+option`` (``OPTIONS``): ``mf52+ema`` is MF-DETR mf52
 trained with D-FINE's weight average (``MODEL_EMA``), ``mf52+mal`` with DEIM's matchability-aware
 class loss, ``mf52+fdr`` with D-FINE's distribution refinement of the boxes, ``mf52+aifi`` with
-one AIFI encoder layer on the coarsest map, timed and trained beside ``mf52``; ``mf52+ema+mal``
+one AIFI encoder layer on the coarsest map, ``mf52+mosaic`` with DEIM's mosaics (dense one-to-one
+matching), timed and trained beside ``mf52``; ``mf52+ema+mal``
 with both of the first two.
 
 Prints a table of AP / AP50 / AP75 (mean and standard deviation over the seeds) at each point, with
@@ -81,6 +82,8 @@ OPTIONS = {
     "fdr": ["MODEL.MF_DETR.DECODER.BOX_REFINEMENT", "distribution"],
     # RT-DETR's and D-FINE's lightweight encoder: one AIFI layer on the coarsest backbone map.
     "aifi": ["MODEL.MF_DETR.AIFI_LAYERS", 1],
+    # DEIM's dense one-to-one matching: half of the training images are 2x2 mosaics (its probability).
+    "mosaic": ["INPUT.MOSAIC.ENABLED", True],
 }
 
 

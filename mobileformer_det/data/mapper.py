@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
 
 __all__ = ["DetrDatasetMapper"]
 
@@ -24,6 +25,14 @@ class DetrDatasetMapper:
     polygon left the crop.
     Test: the shorter side resized to ``min_size_test``.
 
+    With ``INPUT.MOSAIC`` (DEIM's dense one-to-one matching), a training image is first, with
+    probability ``INPUT.MOSAIC.PROB``, made a ``[2h, 2w]`` mosaic: itself top-left and three images
+    drawn from ``dataset_dicts`` in the other quadrants, each resized to its ``h x w``, their boxes
+    scaled and moved with them; the augmentations above then apply to the mosaic. It stops at
+    iteration ``INPUT.MOSAIC.UNTIL_ITER`` (0: never), which the mapper reads from :attr:`progress`,
+    a shared one-element tensor that the trainer sets to its iteration before every step (so that
+    data loader workers see it).
+
     An image that cannot be used (missing, truncated, not an image, another size than its json
     says, e.g. because of an EXIF rotation, or too thin to resize) is named in a warning and
     skipped, so that one bad file does not end a run: in training the mapper returns None and
@@ -36,7 +45,7 @@ class DetrDatasetMapper:
     max_failures = 20
 
 
-    def __init__(self, cfg, is_train=True):
+    def __init__(self, cfg, is_train=True, dataset_dicts=None):
         self.is_train = is_train
         self.image_format = cfg.INPUT.FORMAT
         self.use_instance_mask, self.use_keypoint = cfg.MODEL.MASK_ON, cfg.MODEL.KEYPOINT_ON
@@ -54,6 +63,17 @@ class DetrDatasetMapper:
         else:
             self.augmentations = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
             self.crop_prob = 0.0
+        mosaic = cfg.INPUT.MOSAIC
+        self.mosaic_prob = mosaic.PROB if is_train and mosaic.ENABLED else 0.0
+        self.mosaic_until = mosaic.UNTIL_ITER
+        self.progress = torch.zeros(1, dtype=torch.int64).share_memory_() if self.mosaic_prob else None
+        if self.mosaic_prob:
+            if self.use_instance_mask or self.use_keypoint:
+                raise ValueError("INPUT.MOSAIC moves boxes only: turn it off with MODEL.MASK_ON or MODEL.KEYPOINT_ON")
+            if not dataset_dicts:
+                raise ValueError("INPUT.MOSAIC draws its other images from the training set: pass its records "
+                                 "as dataset_dicts")
+        self.dataset_dicts = dataset_dicts
         self._read = self._failed = 0
 
     def __call__(self, dataset_dict):
@@ -66,6 +86,9 @@ class DetrDatasetMapper:
                 raise ValueError(problem)
             dataset_dict.setdefault("height", image.shape[0])  # as utils.check_image_size does
             dataset_dict.setdefault("width", image.shape[1])
+            if self.mosaic_prob and (self.mosaic_until <= 0 or int(self.progress) < self.mosaic_until) \
+                    and np.random.rand() < self.mosaic_prob:
+                image = self._mosaic(dataset_dict, image)
             augs = self.crop_augmentations if np.random.rand() < self.crop_prob else self.augmentations
             aug_input = T.AugInput(image)
             try:
@@ -93,6 +116,34 @@ class DetrDatasetMapper:
         instances = utils.annotations_to_instances(annos, image.shape[:2])
         dataset_dict["instances"] = utils.filter_empty_instances(instances)
         return dataset_dict
+
+    def _mosaic(self, dataset_dict, image):
+        """``image`` ``[h, w, 3]`` with three random training images in a ``[2h, 2w, 3]`` mosaic;
+        ``dataset_dict``'s annotations become the four images' boxes (XYXY_ABS in the mosaic) and
+        its height and width the mosaic's. Unchanged when one of the three cannot be read (that
+        image is named when it is drawn on its own)."""
+        h, w = image.shape[:2]
+        records = [self.dataset_dicts[i] for i in np.random.randint(len(self.dataset_dicts), size=3)]
+        tiles = [(image, dataset_dict.get("annotations", []))]
+        for record in records:
+            try:
+                other = utils.read_image(record["file_name"], format=self.image_format)
+            except Exception:
+                return image
+            tiles.append((other, record.get("annotations", [])))
+        canvas = np.zeros((2 * h, 2 * w, image.shape[2]), dtype=image.dtype)
+        annos = []
+        for k, (tile, tile_annos) in enumerate(tiles):
+            y, x = (k // 2) * h, (k % 2) * w
+            th, tw = tile.shape[:2]
+            canvas[y:y + h, x:x + w] = T.ResizeTransform(th, tw, h, w).apply_image(tile) if (th, tw) != (h, w) else tile
+            scale = np.array([w / tw, h / th, w / tw, h / th])
+            for obj in tile_annos:
+                box = BoxMode.convert(list(obj["bbox"]), obj["bbox_mode"], BoxMode.XYXY_ABS)
+                annos.append({"bbox": (np.asarray(box) * scale + [x, y, x, y]).tolist(), "bbox_mode": BoxMode.XYXY_ABS,
+                              "category_id": obj["category_id"], "iscrowd": obj.get("iscrowd", 0)})
+        dataset_dict.update(annotations=annos, height=2 * h, width=2 * w)
+        return canvas
 
     def _skip(self, dataset_dict, error):
         self._failed += 1
