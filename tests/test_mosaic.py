@@ -67,6 +67,14 @@ def test_mosaic_places_four_images_and_their_boxes(tmp_path):
     assert flips == {True, False}
 
 
+def test_an_unreadable_drawn_image_leaves_the_image_plain(tmp_path):
+    first = _record(tmp_path, "a", (200, 0, 0), (128, 160), [_anno([10, 20, 30, 40], 0)])
+    missing = dict(first, file_name=str(tmp_path / "missing.png"))
+    out = DetrDatasetMapper(toy_cfg(*MOSAIC), is_train=True, dataset_dicts=[missing])(dict(first))
+    assert (out["height"], out["width"]) == (128, 160) and len(out["instances"]) == 1
+    assert (out["image"].permute(1, 2, 0).numpy() == (200, 0, 0)).all()      # one image, resized, not a mosaic
+
+
 def test_mosaic_is_refused_without_the_training_set_and_with_masks():
     with pytest.raises(ValueError, match="dataset_dicts"):
         DetrDatasetMapper(toy_cfg(*MOSAIC), is_train=True)
