@@ -314,10 +314,7 @@ class DataProgress(hooks.HookBase):
     def __init__(self, progress):
         self._progress = progress
 
-    def before_train(self):
-        self._progress.fill_(self.trainer.iter)   # the resumed iteration, before the workers start
-
-    def before_step(self):
+    def before_step(self):  # the first one runs before the loader's workers start: a resume's iteration reaches them
         self._progress.fill_(self.trainer.iter)
 
 
