@@ -181,6 +181,16 @@ def add_mobileformer_config(cfg):
     cfg.INPUT.MOSAIC.PROB = 0.5
     cfg.INPUT.MOSAIC.UNTIL_ITER = 0
 
+    # D-FINE's (and RT-DETR's) strong augmentation, before the flip and resize: torchvision's
+    # RandomPhotometricDistort (p 0.5), RandomZoomOut (fill 0, the canvas 1 to ZOOM_OUT_MAX times
+    # the image's sides, p 0.5) and RandomIoUCrop (p 0.8), boxes under 1 pixel dropped; until
+    # iteration UNTIL_ITER (0: the whole schedule), after which the images are plain again (D-FINE
+    # stops it for the last ~8% of its COCO schedules: epoch 120 of 132 for its S model).
+    cfg.INPUT.DFINE_AUG = CN()
+    cfg.INPUT.DFINE_AUG.ENABLED = False
+    cfg.INPUT.DFINE_AUG.ZOOM_OUT_MAX = 4.0
+    cfg.INPUT.DFINE_AUG.UNTIL_ITER = 0
+
     # Extra COCO-format datasets, registered from the config: a list of (name, json, image_root).
     cfg.DATASETS.COCO_FORMAT = []
     # Where the embedded toy dataset is written (generated on first use).

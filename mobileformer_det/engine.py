@@ -308,8 +308,9 @@ class ReplicaCheck(hooks.HookBase):
 
 class DataProgress(hooks.HookBase):
     """Writes the iteration about to run into ``progress``, the shared tensor that the training
-    mapper's schedule reads (``INPUT.MOSAIC.UNTIL_ITER``) in every data loader worker. Workers map
-    a few batches ahead (prefetching), so a schedule's switch reaches the model a few steps late."""
+    mapper's schedules (``INPUT.MOSAIC.UNTIL_ITER``, ``INPUT.DFINE_AUG.UNTIL_ITER``) read in every
+    data loader worker. Workers map a few batches ahead (prefetching), so a schedule's switch
+    reaches the model a few steps late."""
 
     def __init__(self, progress):
         self._progress = progress

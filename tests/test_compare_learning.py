@@ -138,3 +138,14 @@ def test_every_option_is_a_config_the_detector_builds_with(option):
     build_model(cfg)
     with pytest.raises(ValueError, match="unknown option 'mosiac'"):
         compare_learning.model_overrides("mf52+mosiac")
+
+
+def test_the_schedule_scales_the_augmentations_ends_with_the_steps():
+    """At half the schedule, the mosaic's and D-FINE's augmentation's ends come at half their
+    iterations, as the learning-rate step does; an end of 0 (never) stays unset."""
+    cfg = toy_cfg("INPUT.MOSAIC.UNTIL_ITER", 900, "INPUT.DFINE_AUG.UNTIL_ITER", 1650)
+    overrides = compare_learning.schedule(cfg, 900, 3)
+    pairs = dict(zip(overrides[::2], overrides[1::2]))
+    assert pairs["SOLVER.STEPS"] == (750,) and pairs["TEST.EVAL_PERIOD"] == 300
+    assert pairs["INPUT.MOSAIC.UNTIL_ITER"] == 450 and pairs["INPUT.DFINE_AUG.UNTIL_ITER"] == 825
+    assert "INPUT.MOSAIC.UNTIL_ITER" not in compare_learning.schedule(toy_cfg(), 900, 3)

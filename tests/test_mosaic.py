@@ -102,12 +102,14 @@ def test_mosaic_stops_in_the_loader_workers_at_its_iteration():
 
 
 @pytest.mark.slow
-def test_train_net_with_mosaic_until_an_iteration(tmp_path):
-    """train_net.py with the option, a worker and the schedule's switch inside the run: it trains
-    and evaluates, and its config keeps the option."""
+def test_train_net_with_mosaic_and_dfine_aug_until_an_iteration(tmp_path):
+    """train_net.py with the mosaic and D-FINE's augmentation (INPUT.DFINE_AUG, as DEIM trains), a
+    worker and both schedules' switches inside the run: it trains and evaluates, and its config
+    keeps the options."""
     cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file",
            os.path.join(ROOT, "configs", "mf_detr_toy.yaml"), "DATASETS.TOY_ROOT", TOY_ROOT, "OUTPUT_DIR", str(tmp_path),
-           "INPUT.MOSAIC.ENABLED", "True", "INPUT.MOSAIC.UNTIL_ITER", "3", "SOLVER.MAX_ITER", "6",
+           "INPUT.MOSAIC.ENABLED", "True", "INPUT.MOSAIC.UNTIL_ITER", "3", "INPUT.DFINE_AUG.ENABLED", "True",
+           "INPUT.DFINE_AUG.UNTIL_ITER", "4", "SOLVER.MAX_ITER", "6",
            "SOLVER.IMS_PER_BATCH", "2", "TEST.EVAL_PERIOD", "0", "DATALOADER.NUM_WORKERS", "1"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     log = result.stdout + result.stderr
@@ -115,5 +117,6 @@ def test_train_net_with_mosaic_until_an_iteration(tmp_path):
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
     losses = [json.loads(line)["total_loss"] for line in open(tmp_path / "metrics.json") if "total_loss" in line]
     assert losses and all(np.isfinite(losses))
-    assert "UNTIL_ITER: 3" in open(tmp_path / "config.yaml").read()
+    config = open(tmp_path / "config.yaml").read()
+    assert "UNTIL_ITER: 3" in config and "UNTIL_ITER: 4" in config
     assert torch.load(tmp_path / "model_final.pth", weights_only=False)["iteration"] == 5

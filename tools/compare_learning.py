@@ -31,7 +31,8 @@ calls, e.g. one per seed, interrupted, and extended by another model.
 trained with D-FINE's weight average (``MODEL_EMA``), ``mf52+mal`` with DEIM's matchability-aware
 class loss, ``mf52+fdr`` with D-FINE's distribution refinement of the boxes, ``mf52+aifi`` with
 one AIFI encoder layer on the coarsest map, ``mf52+mosaic`` with DEIM's mosaics (dense one-to-one
-matching), timed and trained beside ``mf52``; ``mf52+ema+mal``
+matching), ``mf52+dfineaug`` with D-FINE's photometric distortion, zoom-out and IoU crop, timed
+and trained beside ``mf52``; ``mf52+ema+mal``
 with both of the first two.
 
 Prints a table of AP / AP50 / AP75 (mean and standard deviation over the seeds) at each point, with
@@ -84,6 +85,9 @@ OPTIONS = {
     "aifi": ["MODEL.MF_DETR.AIFI_LAYERS", 1],
     # DEIM's dense one-to-one matching: half of the training images are 2x2 mosaics (its probability).
     "mosaic": ["INPUT.MOSAIC.ENABLED", True],
+    # D-FINE's strong augmentation (photometric distortion, zoom-out, IoU crop); it stops where
+    # INPUT.DFINE_AUG.UNTIL_ITER says (scaled with the schedule, as the mosaic's end).
+    "dfineaug": ["INPUT.DFINE_AUG.ENABLED", True],
 }
 
 
@@ -148,11 +152,17 @@ def step_times_of(args, timed):
 
 def schedule(cfg, iters, points):
     """Overrides that stretch the config's schedule to ``iters`` iterations (a multiple of ``points``)
-    with ``points`` evaluations: warm-up and learning-rate steps at the same fractions."""
+    with ``points`` evaluations: warm-up, learning-rate steps and the augmentations' ends at the
+    same fractions."""
     scale = iters / cfg.SOLVER.MAX_ITER
+    ends = []
+    for key in ("MOSAIC", "DFINE_AUG"):
+        until = cfg.INPUT[key].UNTIL_ITER
+        if until > 0:
+            ends += [f"INPUT.{key}.UNTIL_ITER", max(1, round(until * scale))]
     return ["SOLVER.MAX_ITER", iters, "SOLVER.STEPS", tuple(max(1, round(s * scale)) for s in cfg.SOLVER.STEPS),
             "SOLVER.WARMUP_ITERS", max(1, round(cfg.SOLVER.WARMUP_ITERS * scale)),
-            "TEST.EVAL_PERIOD", iters // points, "SOLVER.CHECKPOINT_PERIOD", iters]
+            "TEST.EVAL_PERIOD", iters // points, "SOLVER.CHECKPOINT_PERIOD", iters] + ends
 
 
 def evaluations(output_dir, iterations):

@@ -33,6 +33,12 @@ class DetrDatasetMapper:
     a shared one-element tensor that the trainer sets to its iteration before every step (so that
     data loader workers see it).
 
+    With ``INPUT.DFINE_AUG`` (D-FINE's and RT-DETR's strong augmentation), a training image (or
+    mosaic) then goes through torchvision's ``RandomPhotometricDistort`` (p 0.5), ``RandomZoomOut``
+    (fill 0, p 0.5) and ``RandomIoUCrop`` (p 0.8; only on images with boxes), its boxes with it, and
+    boxes under one pixel are dropped, until iteration ``INPUT.DFINE_AUG.UNTIL_ITER`` (0: never
+    stops), read from :attr:`progress` as the mosaic's schedule is.
+
     An image that cannot be used (missing, truncated, not an image, another size than its json
     says, e.g. because of an EXIF rotation, or too thin to resize) is named in a warning and
     skipped, so that one bad file does not end a run: in training the mapper returns None and
@@ -66,10 +72,24 @@ class DetrDatasetMapper:
         mosaic = cfg.INPUT.MOSAIC
         self.mosaic_prob = mosaic.PROB if is_train and mosaic.ENABLED else 0.0
         self.mosaic_until = mosaic.UNTIL_ITER
-        self.progress = torch.zeros(1, dtype=torch.int64).share_memory_() if self.mosaic_prob else None
+        strong = cfg.INPUT.DFINE_AUG
+        self.strong = is_train and strong.ENABLED
+        self.strong_until = strong.UNTIL_ITER
+        if self.strong:
+            from torchvision.transforms import v2
+
+            if strong.ZOOM_OUT_MAX < 1:
+                raise ValueError(f"INPUT.DFINE_AUG.ZOOM_OUT_MAX is the canvas's largest side as a multiple of the "
+                                 f"image's: at least 1, got {strong.ZOOM_OUT_MAX}")
+            self.strong_ops = [v2.RandomPhotometricDistort(p=0.5),
+                               v2.RandomZoomOut(fill=0, side_range=(1.0, strong.ZOOM_OUT_MAX), p=0.5)]
+            self.iou_crop, self.sanitize = v2.RandomIoUCrop(), v2.SanitizeBoundingBoxes(min_size=1)
+        scheduled = self.mosaic_prob or self.strong
+        self.progress = torch.zeros(1, dtype=torch.int64).share_memory_() if scheduled else None
+        for name, on in (("INPUT.MOSAIC", self.mosaic_prob), ("INPUT.DFINE_AUG", self.strong)):
+            if on and (self.use_instance_mask or self.use_keypoint):
+                raise ValueError(f"{name} moves boxes only: turn it off with MODEL.MASK_ON or MODEL.KEYPOINT_ON")
         if self.mosaic_prob:
-            if self.use_instance_mask or self.use_keypoint:
-                raise ValueError("INPUT.MOSAIC moves boxes only: turn it off with MODEL.MASK_ON or MODEL.KEYPOINT_ON")
             if not dataset_dicts:
                 raise ValueError("INPUT.MOSAIC draws its other images from the training set: pass its records "
                                  "as dataset_dicts")
@@ -86,9 +106,10 @@ class DetrDatasetMapper:
                 raise ValueError(problem)
             dataset_dict.setdefault("height", image.shape[0])  # as utils.check_image_size does
             dataset_dict.setdefault("width", image.shape[1])
-            if self.mosaic_prob and (self.mosaic_until <= 0 or int(self.progress) < self.mosaic_until) \
-                    and np.random.rand() < self.mosaic_prob:
+            if self.mosaic_prob and self._scheduled(self.mosaic_until) and np.random.rand() < self.mosaic_prob:
                 image = self._mosaic(dataset_dict, image)
+            if self.strong and self._scheduled(self.strong_until):
+                image = self._strong(dataset_dict, image)
             augs = self.crop_augmentations if np.random.rand() < self.crop_prob else self.augmentations
             aug_input = T.AugInput(image)
             try:
@@ -116,6 +137,36 @@ class DetrDatasetMapper:
         instances = utils.annotations_to_instances(annos, image.shape[:2])
         dataset_dict["instances"] = utils.filter_empty_instances(instances)
         return dataset_dict
+
+    def _scheduled(self, until):
+        """Whether an augmentation that stops at iteration ``until`` (0: never) is still on."""
+        return until <= 0 or int(self.progress) < until
+
+    def _strong(self, dataset_dict, image):
+        """``image`` ``[h, w, 3]`` through D-FINE's photometric distortion, zoom-out and IoU crop
+        (torchvision's, on their own random state); ``dataset_dict``'s annotations become the
+        non-crowd boxes that keep at least a pixel (XYXY_ABS in the new image) and its height and
+        width the new image's."""
+        from torchvision import tv_tensors
+
+        annos = [a for a in dataset_dict.get("annotations", []) if not a.get("iscrowd", 0)]
+        boxes = [BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos]
+        channels = slice(None, None, -1) if self.image_format == "BGR" else slice(None)  # the distortion's hue is RGB's
+        sample = {"image": tv_tensors.Image(torch.from_numpy(np.array(image[..., channels])).permute(2, 0, 1)),
+                  "boxes": tv_tensors.BoundingBoxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                                                    format="XYXY", canvas_size=image.shape[:2]),
+                  "labels": torch.arange(len(annos))}                     # which annotation each box is
+        for op in self.strong_ops:
+            sample = op(sample)
+        if annos and torch.rand(1) < 0.8:                                 # D-FINE applies the crop with p 0.8
+            sample = self.iou_crop(sample)
+        sample = self.sanitize(sample)
+        out = sample["image"].permute(1, 2, 0).numpy()[..., channels]
+        dataset_dict["annotations"] = [
+            {"bbox": box, "bbox_mode": BoxMode.XYXY_ABS, "category_id": annos[k]["category_id"], "iscrowd": 0}
+            for box, k in zip(sample["boxes"].tolist(), sample["labels"].tolist())]
+        dataset_dict.update(height=out.shape[0], width=out.shape[1])
+        return np.ascontiguousarray(out)
 
     def _mosaic(self, dataset_dict, image):
         """``image`` ``[h, w, 3]`` with three random training images in a ``[2h, 2w, 3]`` mosaic;
