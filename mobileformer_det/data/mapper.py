@@ -50,7 +50,6 @@ class DetrDatasetMapper:
 
     max_failures = 20
 
-
     def __init__(self, cfg, is_train=True, dataset_dicts=None):
         self.is_train = is_train
         self.image_format = cfg.INPUT.FORMAT
