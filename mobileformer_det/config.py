@@ -144,6 +144,14 @@ def add_mobileformer_config(cfg):
     # trained to the end; a briefly trained decoder still emits duplicates).
     cfg.MODEL.MF_DETR.TEST.NMS_THRESH = 0.0
 
+    # MODEL.META_ARCHITECTURE "PeerDETR": which of today's DETRs it builds from Hugging Face
+    # transformers (pip install -e ".[bench]"), by its published name: D-FINE-N, DEIMv2-Atto,
+    # DEIMv2-Femto, DEIMv2-Pico or DEIMv2-N (mobileformer_det/modeling/peers/zoo.py). It shares
+    # MODEL.MF_DETR.NUM_CLASSES, NUM_QUERIES and TEST with MF-DETR; recipe_overrides(name) gives
+    # its own optimiser.
+    cfg.MODEL.PEER = CN()
+    cfg.MODEL.PEER.NAME = "D-FINE-N"
+
     # The flat keys of earlier versions: merging one stops with an error naming its new key.
     for old, new in RENAMED_KEYS.items():
         cfg.register_renamed_key(old, new)

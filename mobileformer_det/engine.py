@@ -42,9 +42,9 @@ _NO_DECAY_NAMES = ("bias", "in_proj_bias", "tokens", "level_embed")
 
 
 def build_optimizer(cfg, model):
-    """AdamW (or SGD) with ``SOLVER.BACKBONE_MULTIPLIER`` on backbone parameters (those of any
-    module named ``backbone``, at whatever depth: also a wrapped peer's) and no weight decay on
-    norms, biases, embeddings, global tokens and level embeddings.
+    """AdamW (or SGD) with ``SOLVER.BACKBONE_MULTIPLIER`` on the parameters of ``model.backbone``
+    (Detectron2's meta architectures' attribute; a peer's property) and no weight decay on norms,
+    biases, embeddings, global tokens and level embeddings.
 
     Parameters are grouped by (lr, weight decay) (Detectron2's ``reduce_param_groups``): a handful
     of groups, so that PyTorch's multi-tensor (foreach) or fused implementation does one pass per
@@ -52,13 +52,14 @@ def build_optimizer(cfg, model):
     :class:`ClippingTrainer`), so that under AMP it sees unscaled gradients.
     """
     params, seen = [], set()
-    for module_name, module in model.named_modules():
+    backbone = set(model.backbone.parameters()) if isinstance(getattr(model, "backbone", None), nn.Module) else set()
+    for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or param in seen:
                 continue
             seen.add(param)
             lr = cfg.SOLVER.BASE_LR
-            if "backbone" in module_name.split("."):
+            if param in backbone:
                 lr *= cfg.SOLVER.BACKBONE_MULTIPLIER
             no_decay = isinstance(module, _NO_DECAY_MODULES) or name in _NO_DECAY_NAMES
             params.append({"params": [param], "lr": lr, "weight_decay": 0.0 if no_decay else cfg.SOLVER.WEIGHT_DECAY})

@@ -219,32 +219,28 @@ def test_demo_json_scores_with_cocoeval_against_the_dataset(tmp_path, overfit_to
     assert ap50 > 80 and ap50 == pytest.approx(overfit_toy["result"]["AP50"], abs=1.0)
 
 
-@pytest.mark.parametrize("name", ["D-FINE-N", "D-FINE-S", "RT-DETRv2-R18"])
-def test_peers_are_the_published_models(name):
-    """The transformers builds of the peers have the published models' parameter counts (to 10%,
-    the papers round them to the million: 4, 10, 20 M), 80 classes and their decoder depth."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import peers
-
-    millions = peers.PUBLISHED[name][1]
-    module, exportable = peers.build_peer(name)
-    params = sum(p.numel() for p in module.parameters()) / 1e6
-    assert abs(params - millions) <= 0.1 * millions, params
-    assert exportable and module.detector.config.num_labels == 80 and module.detector.config.decoder_layers == 3
-    with torch.no_grad():
-        logits, boxes = module(torch.rand(1, 3, 320, 320) * 255)   # >= 300 positions for its 300 queries
-    assert logits.shape[-1] == 80 and boxes.shape[-1] == 4 and (boxes >= 0).all() and (boxes <= 1).all()
-
-
 @pytest.mark.slow
-def test_benchmark_peers_times_mf_detr_beside_d_fine_in_one_table():
+def test_benchmark_peers_times_each_peer_at_its_input_beside_mf_detr(tmp_path):
+    """--task peers: each peer at its published input (DEIMv2-Atto and SSDLite at 320x320, Femto at
+    416x416), MF-DETR at both, one table per size with ratios to the size's first peer, and the plot."""
+    plot = tmp_path / "peers.png"
     result = _tool("benchmark.py", "--config-file", os.path.join(ROOT, "configs", "mf_detr_26m.yaml"), "--task", "peers",
-                   "--peers", "D-FINE-N", "SSDLite320-MobileNetV3", "--input-size", 320, 320,
-                   "--runtime", "torch", "onnxruntime", "--runs", 1, "--warmup", 0)
+                   "--peers", "DEIMv2-Atto", "DEIMv2-Femto", "SSDLite320-MobileNetV3", "--runtime", "torch", "onnxruntime",
+                   "--runs", 1, "--warmup", 0, "--plot", plot)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line and "model" not in line}
-    assert list(rows) == ["MF-DETR mf26", "D-FINE-N", "SSDLite320-MobileNetV3"]
-    assert rows["D-FINE-N"][0] == "42.8" and rows["D-FINE-N"][-2:] == ["1.00", "1.00"]
-    assert all(float(v) > 0 for v in rows["MF-DETR mf26"][3:])                  # both runtimes timed, and ratios
-    assert rows["SSDLite320-MobileNetV3"][4] == "-" and "keeps NMS" in result.stdout   # eager only
+    tables = {}
+    for line in result.stdout.splitlines():
+        if line.endswith("x320:") or line.endswith("x416:"):
+            size = line[:-1]
+        elif line.startswith("| ") and "---" not in line:
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            tables.setdefault(size, {})[cells[0]] = cells[1:]
+    assert list(tables) == ["320x320", "416x416"]
+    assert list(tables["320x320"]) == ["model", "MF-DETR mf26", "DEIMv2-Atto", "SSDLite320-MobileNetV3"]
+    assert list(tables["416x416"]) == ["model", "MF-DETR mf26", "DEIMv2-Femto"]
+    assert tables["320x320"]["model"][-1] == "onnxruntime / DEIMv2-Atto"
+    assert tables["320x320"]["DEIMv2-Atto"][0] == "23.8" and tables["320x320"]["DEIMv2-Atto"][-2:] == ["1.00", "1.00"]
+    assert tables["416x416"]["DEIMv2-Femto"][0] == "31.0" and tables["416x416"]["DEIMv2-Femto"][-2:] == ["1.00", "1.00"]
+    assert all(float(v) > 0 for t in tables.values() for v in t["MF-DETR mf26"][3:])  # both runtimes timed, and ratios
+    assert tables["320x320"]["SSDLite320-MobileNetV3"][4] == "-" and "keeps NMS" in result.stdout   # eager only
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10000

@@ -11,7 +11,7 @@
     python tools/benchmark.py --config-file configs/mf_detr.yaml configs/mf_detr_{294,214,151,96,52,26}m.yaml \
         --task variants --input-size 640 640 --runtime torch onnxruntime
     python tools/benchmark.py --config-file configs/mf_detr_{26,52,96}m.yaml configs/mf_detr.yaml --task peers \
-        --input-size 640 640 --runtime torch onnxruntime
+        --runtime torch onnxruntime --plot peers.png
     python tools/benchmark.py --config-file configs/mf_detr_toy.yaml --task train
     python tools/benchmark.py --config-file configs/mf_detr_toy.yaml --task data
     python tools/benchmark.py --config-file configs/mf_detr_toy.yaml --task checks --images 118287
@@ -25,9 +25,11 @@ torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` (random weights: speed only)
 batch norm and neck folded) and the latency of each ``--runtime`` at batch 1 for each
 config's detector when given several configs (e.g. every variant's recipe, each with its own decoder),
 or for one config's detector on each of the seven backbones. ``peers`` times each config's detector
-beside D-FINE, RT-DETRv2, Deformable DETR and DETR (Hugging Face ``transformers``) and torchvision's
-SSDLite and Faster R-CNN (``peers.py``; ``pip install -e ".[bench]"``), in one interleaved loop,
-with ratios to D-FINE-N. ``--breakdown`` splits one inference
+beside DEIMv2, D-FINE, RT-DETRv2, Deformable DETR and DETR (Hugging Face ``transformers``) and
+torchvision's SSDLite and Faster R-CNN (``mobileformer_det.modeling.peers``; ``pip install -e
+".[bench]"``), each peer at its published input size and MF-DETR at each of those, in one
+interleaved loop, with ratios to the first peer at each size and, with ``--plot``, a PNG of
+milliseconds against GFLOPs. ``--breakdown`` splits one inference
 into parts (backbone stages, neck, query selection, decoder layers ...) beside their fvcore GFLOPs:
 eager PyTorch timed by hooks and, with ``--runtime onnxruntime``, the exported graph from ONNX
 Runtime's profile. On CUDA every timing is synchronised; ``--amp`` runs under autocast (float16 on CUDA, bfloat16 on the CPU).
@@ -425,47 +427,58 @@ def bench_variants(args, cfgs):
 
 
 def bench_peers(args, cfgs):
-    """MF-DETR (each config's detector, deployed) beside today's small detectors (``peers.py``) at
-    ``--input-size``, batch 1, each ``--runtime`` (torch: eager; onnxruntime / openvino: the graph
-    exported here), all timed in one interleaved loop; parameters, fvcore GFLOPs (MF-DETR: as
-    trained and deployed) and each time's ratio to D-FINE-N's in the same runtime."""
-    import peers
+    """MF-DETR (each config's detector, deployed) beside today's small detectors
+    (``mobileformer_det.modeling.peers``), each peer at its published input size (or all at
+    ``--input-size``) and MF-DETR at each of those sizes, batch 1, each ``--runtime`` (torch:
+    eager; onnxruntime / openvino: the graph exported here), all timed in one interleaved loop.
+    Prints a table per input size: parameters, fvcore GFLOPs (MF-DETR: as trained and deployed),
+    milliseconds, and each time's ratio to the first of ``--peers`` at that size in the same
+    runtime; ``--plot`` draws milliseconds against GFLOPs (see :func:`plot_peers`)."""
     from mobileformer_det.deploy import TensorDetector, export_onnx, graph_runner
+    from mobileformer_det.modeling.peers import PEERS, build_peer
     from mobileformer_det.utils.flops import detector_flops_by_module, flop_count_analysis
 
-    height, width = args.input_size or (640, 640)
-    images = torch.randint(0, 256, (1, 3, height, width)).float()
-    array = images.numpy()
     runtimes = [r for r in args.runtime if r in ("torch", "onnxruntime", "openvino")]
-    rows, calls, notes = {}, {}, []
+    peer_sizes = {name: tuple(args.input_size or PEERS[name].input_size) for name in args.peers}
+    sizes = list(dict.fromkeys(peer_sizes.values())) or [tuple(args.input_size or (640, 640))]
+    rows, calls, notes = {}, {}, []  # rows: (name, size) -> [COCO AP, params, GFLOPs, GFLOPs text]
     tmpdir = tempfile.TemporaryDirectory()
+    inputs = {}
+    for height, width in sizes:
+        images = torch.randint(0, 256, (1, 3, height, width)).float()
+        inputs[(height, width)] = (images, images.numpy())
     for c in cfgs:
         model = build_eval_model(c)
         name = f"MF-DETR {c.MODEL.MOBILEFORMER.VARIANT}"
         deployed = copy.deepcopy(model).deploy()
-        gflops, _ = detector_flops_by_module(model, height, width)
-        deployed_gflops, _ = detector_flops_by_module(deployed, height, width)
-        rows[name] = ["not measured", sum(p.numel() for p in model.parameters()) / 1e6,
-                      f"{gflops:.2f} ({deployed_gflops:.2f})"]
         net = TensorDetector(deployed)
-        graph = os.path.join(tmpdir.name, f"{len(rows)}.onnx")
-        if set(runtimes) - {"torch"}:
-            export_onnx(copy.deepcopy(model), graph, height, width)
-        for runtime in runtimes:
-            calls[(name, runtime)] = (lambda net=net: net(images)) if runtime == "torch" else \
-                (lambda run=graph_runner(graph, runtime, torch.get_num_threads()): run(array))
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        for size in sizes:
+            images, array = inputs[size]
+            gflops, _ = detector_flops_by_module(model, *size)
+            deployed_gflops, _ = detector_flops_by_module(deployed, *size)
+            rows[(name, size)] = ["not measured", params, gflops, f"{gflops:.2f} ({deployed_gflops:.2f})"]
+            graph = os.path.join(tmpdir.name, f"{len(rows)}.onnx")
+            if set(runtimes) - {"torch"}:
+                export_onnx(copy.deepcopy(model), graph, *size)
+            for runtime in runtimes:
+                calls[(name, size, runtime)] = (lambda net=net, x=images: net(x)) if runtime == "torch" else \
+                    (lambda run=graph_runner(graph, runtime, torch.get_num_threads()), x=array: run(x))
     for name in args.peers:
-        module, exportable = peers.build_peer(name)
+        size = peer_sizes[name]
+        images, array = inputs[size]
+        module, exportable = build_peer(name)
         try:
-            gflops = f"{flop_count_analysis(module, (images,)).total() / 1e9:.2f}"
+            gflops = flop_count_analysis(module, (images,)).total() / 1e9
         except Exception as e:  # fvcore cannot trace every peer's forward
-            gflops = "-"
+            gflops = float("nan")
             notes.append(f"{name}: fvcore could not count its FLOPs ({type(e).__name__})")
-        rows[name] = [f"{peers.PUBLISHED[name][0]}", sum(p.numel() for p in module.parameters()) / 1e6, gflops]
+        rows[(name, size)] = [f"{PEERS[name].ap}", sum(p.numel() for p in module.parameters()) / 1e6, gflops,
+                              "-" if np.isnan(gflops) else f"{gflops:.2f}"]
         graph = os.path.join(tmpdir.name, f"{len(rows)}.onnx")
         for runtime in runtimes:
             if runtime == "torch":
-                calls[(name, runtime)] = lambda module=module: module(images)
+                calls[(name, size, runtime)] = lambda module=module, x=images: module(x)
                 continue
             if not exportable:
                 notes.append(f"{name}: no {runtime} figure (its graph keeps NMS and data-dependent shapes)")
@@ -483,22 +496,69 @@ def bench_peers(args, cfgs):
             except Exception as e:
                 notes.append(f"{name}: {runtime} cannot run its graph ({type(e).__name__}: {str(e).splitlines()[0][-160:]})")
                 continue
-            calls[(name, runtime)] = lambda run=run: run(array)
+            calls[(name, size, runtime)] = lambda run=run, x=array: run(x)
     with tmpdir, torch.no_grad():
         times = time_interleaved(calls, torch.device("cpu"), args.runs, args.warmup)
     medians = {key: 1000 * np.median(t) for key, t in times.items()}
-    table = []
-    for name, (ap, params, gflops) in rows.items():
-        ms = [medians.get((name, r)) for r in runtimes]
-        ratios = [medians.get((name, r), np.nan) / medians.get(("D-FINE-N", r), np.nan) for r in runtimes]
-        table.append([name, ap, f"{params:.2f}", gflops, *("-" if m is None else f"{m:.1f}" for m in ms),
-                      *("-" if np.isnan(q) else f"{q:.2f}" for q in ratios)])
-    print(f"\nDetectors at {height}x{width}, batch 1, {torch.get_num_threads()} CPU threads, fp32, random weights "
-          f"(made distinct), {args.runs} interleaved runs after {args.warmup} warm-up; COCO AP: published")
-    print(tabulate(table, ["model", "COCO AP", "params (M)", "GFLOPs", *(f"{r} ms" for r in runtimes),
-                           *(f"{r} / D-FINE-N" for r in runtimes)], tablefmt="pipe", disable_numparse=True))
+    print(f"\nDetectors at each peer's published input, batch 1, {torch.get_num_threads()} CPU threads, fp32, random "
+          f"weights (made distinct), {args.runs} interleaved runs after {args.warmup} warm-up; COCO AP: published")
+    for size in sizes:
+        reference = next((n for n in args.peers if peer_sizes[n] == size), None)
+        table = []
+        for (name, at), (ap, params, _, gflops) in rows.items():
+            if at != size:
+                continue
+            ms = [medians.get((name, size, r)) for r in runtimes]
+            ratios = [medians.get((name, size, r), np.nan) / medians.get((reference, size, r), np.nan) for r in runtimes]
+            table.append([name, ap, f"{params:.2f}", gflops, *("-" if m is None else f"{m:.1f}" for m in ms),
+                          *("-" if np.isnan(q) else f"{q:.2f}" for q in ratios)])
+        print(f"\n{size[0]}x{size[1]}:")
+        print(tabulate(table, ["model", "COCO AP", "params (M)", "GFLOPs", *(f"{r} ms" for r in runtimes),
+                               *(f"{r} / {reference}" for r in runtimes)], tablefmt="pipe", disable_numparse=True))
     for note in notes:
         print(f"- {note}")
+    if args.plot:
+        runtime = "onnxruntime" if "onnxruntime" in runtimes else runtimes[0]
+        points = [(name, size, rows[(name, size)][2], medians[(name, size, runtime)], rows[(name, size)][0])
+                  for (name, size) in rows if (name, size, runtime) in medians and not np.isnan(rows[(name, size)][2])]
+        plot_peers(points, runtime, args.plot)
+        print(f"- plot: {args.plot} ({runtime})")
+
+
+def plot_peers(points, runtime, path):
+    """Milliseconds against fvcore GFLOPs, log-log, one colour per input size; MF-DETR's variants at
+    one size joined by a line, each peer labelled with its published COCO AP. ``points``: (name,
+    (H, W), GFLOPs, ms, published AP or "not measured")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    sizes = list(dict.fromkeys(size for _, size, *_ in points))
+    colors = dict(zip(sizes, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for size in sizes:
+        ours = sorted((g, ms, n) for n, s, g, ms, _ in points if s == size and n.startswith("MF-DETR"))
+        if ours:
+            ax.plot([g for g, *_ in ours], [ms for _, ms, _ in ours], "o-", color=colors[size],
+                    label=f"MF-DETR at {size[0]}x{size[1]}")
+            for g, ms, n in ours:
+                ax.annotate(n.split()[-1], (g, ms), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                            color=colors[size])
+    for name, size, g, ms, ap in points:
+        if not name.startswith("MF-DETR"):
+            ax.plot([g], [ms], "s", color=colors[size], markeredgecolor="black")
+            ax.annotate(f"{name} ({ap} AP)", (g, ms), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("GFLOPs (fvcore: a multiply-add is one)")
+    ax.set_ylabel(f"ms, batch 1, {runtime}, {torch.get_num_threads()} CPU threads")
+    ax.set_title("Random weights, speed only; AP: each peer's published COCO val2017 figure")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def bench_data(args, cfg):
@@ -552,9 +612,11 @@ def main(argv=None):
     parser.add_argument("--config-file", required=True, nargs="+", metavar="FILE",
                         help="one config; --task variants takes several (one row each)")
     parser.add_argument("--task", choices=["eval", "train", "data", "checks", "variants", "peers"], default="eval")
-    parser.add_argument("--peers", nargs="*", metavar="NAME", help="peers: the detectors beside MF-DETR (default: all of "
-                        "D-FINE-N, D-FINE-S, RT-DETRv2-R18, Deformable DETR-R50, DETR-R50, SSDLite320-MobileNetV3, "
+    parser.add_argument("--peers", nargs="*", metavar="NAME", help="peers: the detectors beside MF-DETR, each at its "
+                        "published input size unless --input-size is given (default: the DEIMv2 and D-FINE models; "
+                        "also RT-DETRv2-R18, Deformable DETR-R50, DETR-R50, SSDLite320-MobileNetV3, "
                         "FRCNN-MobileNetV3-FPN; pip install -e '.[bench]')")
+    parser.add_argument("--plot", metavar="FILE.png", help="peers: draw milliseconds against GFLOPs into this PNG")
     parser.add_argument("--images", type=int, default=118287, help="checks: images in the listing (COCO train2017's)")
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
     parser.add_argument("--compare-size", nargs=2, type=int, metavar=("H", "W"),
@@ -587,12 +649,12 @@ def main(argv=None):
     if args.task in ("variants", "peers") and args.onnx:
         parser.error(f"--task {args.task} exports each variant's graph itself: drop --onnx")
     if args.task == "peers":
-        import peers
+        from mobileformer_det.modeling.peers import PEERS
 
-        args.peers = list(peers.BUILDERS) if args.peers is None else args.peers
-        unknown = sorted(set(args.peers) - set(peers.BUILDERS))
+        args.peers = [n for n in PEERS if n.startswith(("DEIMv2", "D-FINE"))] if args.peers is None else args.peers
+        unknown = sorted(set(args.peers) - set(PEERS))
         if unknown:
-            parser.error(f"--peers: unknown {unknown}; choose among {list(peers.BUILDERS)}")
+            parser.error(f"--peers: unknown {unknown}; choose among {list(PEERS)}")
     if args.task not in ("variants", "peers") and len(args.config_file) > 1:
         parser.error(f"--task {args.task} takes one --config-file, got {len(args.config_file)}")
     setup_logger(name="fvcore")

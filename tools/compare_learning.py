@@ -1,20 +1,22 @@
 #!/usr/bin/env python
-"""MF-DETR beside D-FINE-N, trained the same way for the same CPU time, over several seeds.
+"""MF-DETR beside today's small DETRs, each trained as its own recipe trains it, for the same CPU time, over several seeds.
 
     python tools/compare_learning.py --config-file configs/mf_detr_toy.yaml --seeds 0 1 2
-    python tools/compare_learning.py --config-file configs/mf_detr_toy_crowd.yaml --models mf52 mf26 D-FINE-N
-    python tools/compare_learning.py --config-file configs/mf_detr_toy.yaml --lr-factors 0.5 1 2 --seeds 0 \
-        --schedule 0.5
-    python tools/compare_learning.py --config-file configs/mf_detr_toy.yaml --models mf52 mf52+ema --schedule 0.5
+    python tools/compare_learning.py --config-file configs/mf_detr_toy_crowd.yaml --models mf52 mf26 DEIMv2-Atto D-FINE-N
+    python tools/compare_learning.py --config-file configs/mf_detr_toy.yaml --reference mf52 --models DEIMv2-Femto \
+        --lr-factors 0.25 4 --seeds 0
+    python tools/compare_learning.py --config-file configs/mf_detr_toy.yaml --models mf52 DEIMv2-Pico --input-scale 2
+    python tools/compare_learning.py --config-file configs/mf_detr_toy.yaml --models mf52 mf52+mal --schedule 0.5
 
 Every model trains through this project's ``Trainer`` on the config's datasets: the same images,
 augmentations, batch size, test size, ``COCOEvaluator``, post-processing (top-k, threshold, NMS of
 ``MODEL.MF_DETR.TEST``) and learning-rate schedule shape (warm-up, steps). ``mfXX`` is MF-DETR as
-the config builds it on that backbone variant (by default the config's own); ``D-FINE-N`` is
-transformers' ``DFineForObjectDetection`` in the nano configuration (HGNetV2-B0, 2 levels, 3
-decoder layers, width 128; ``peers.DFineDetector``), from random weights like MF-DETR here, with
-its own losses and its published optimiser settings (AdamW, lr 8e-4, backbone x0.5, weight decay
-1e-4, gradient norm clipped to 0.1), with ``MODEL.MF_DETR.NUM_QUERIES`` queries.
+the config builds it on that backbone variant (by default the config's own). A peer (D-FINE-N,
+DEIMv2-Atto, -Femto, -Pico, -N) is ``transformers``' model in its published configuration
+(``mobileformer_det.modeling.peers``, meta architecture ``PeerDETR``), from random weights like
+MF-DETR here, its batch norms trained, with its authors' losses and its own optimiser
+(``recipe_overrides``: AdamW at its learning rate, its backbone multiplier, weight decay 1e-4,
+gradient norm clipped to 0.1, its weight average), with ``MODEL.MF_DETR.NUM_QUERIES`` queries.
 
 **Equal time.** First the training step of every model is timed on this machine, the models taking
 turns (``--calibration-rounds``), so that a load that comes and goes hits them alike. The first
@@ -27,13 +29,14 @@ it lacks is timed beside the reference and scaled to the reference's saved time.
 (``result.json`` in its folder) is not trained again: a comparison can be split over several
 calls, e.g. one per seed, interrupted, and extended by another model.
 
-**Options.** A model name may carry ``+option`` (``OPTIONS``): ``mf52+ema`` is MF-DETR mf52
-trained with D-FINE's weight average (``MODEL_EMA``), ``mf52+mal`` with DEIM's matchability-aware
-class loss, ``mf52+fdr`` with D-FINE's distribution refinement of the boxes, ``mf52+aifi`` with
-one AIFI encoder layer on the coarsest map, ``mf52+mosaic`` with DEIM's mosaics (dense one-to-one
-matching), ``mf52+dfineaug`` with D-FINE's photometric distortion, zoom-out and IoU crop, timed
-and trained beside ``mf52``; ``mf52+ema+mal``
-with both of the first two.
+**Options.** ``--input-scale 2`` trains and tests every model at twice the config's image sizes
+(its own output folder by default). An MF-DETR name may carry ``+option`` (``OPTIONS``):
+``mf52+ema`` is MF-DETR mf52 trained with D-FINE's weight average (``MODEL_EMA``), ``mf52+mal``
+with DEIM's matchability-aware class loss, ``mf52+fdr`` with D-FINE's distribution refinement of
+the boxes, ``mf52+aifi`` with one AIFI encoder layer on the coarsest map, ``mf52+mosaic`` with
+DEIM's mosaics (dense one-to-one matching), ``mf52+dfineaug`` with D-FINE's photometric
+distortion, zoom-out and IoU crop, timed and trained beside ``mf52``; ``mf52+ema+mal`` with both
+of the first two.
 
 Prints a table of AP / AP50 / AP75 (mean and standard deviation over the seeds) at each point, with
 the training minutes it stands for, and writes it with every run's figures to ``OUTPUT/results.json``.
@@ -52,21 +55,16 @@ from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import peers  # noqa: E402 (registers DFineDetector)
 from benchmark import time_interleaved  # noqa: E402
 
 from mobileformer_det import setup_cfg  # noqa: E402
 from mobileformer_det.data import register_datasets_from_config  # noqa: E402
 from mobileformer_det.engine import Trainer  # noqa: E402
+from mobileformer_det.modeling.peers import PEERS, recipe_overrides  # noqa: E402
 
 logger = logging.getLogger("mobileformer_det")
 
-# D-FINE-N's published optimiser (configs/dfine/dfine_hgnetv2_n_coco.yml of the D-FINE repository).
-PEER_OVERRIDES = {
-    "D-FINE-N": ["MODEL.META_ARCHITECTURE", peers.DFineDetector.__name__, "SOLVER.OPTIMIZER", "ADAMW",
-                 "SOLVER.BASE_LR", 8e-4, "SOLVER.BACKBONE_MULTIPLIER", 0.5, "SOLVER.WEIGHT_DECAY", 1e-4,
-                 "SOLVER.CLIP_GRADIENTS.ENABLED", True, "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 0.1],
-}
+TRAINABLE_PEERS = [name for name, peer in PEERS.items() if peer.trainable]
 
 
 # Training options a model name can carry after "+" (e.g. mf52+ema), to measure what a peer's
@@ -92,23 +90,37 @@ OPTIONS = {
 
 
 def model_overrides(name):
-    """Config overrides that turn the config's detector into model ``name``: ``mfXX``, a peer of
-    ``PEER_OVERRIDES``, either followed by ``+option`` (``OPTIONS``) any number of times."""
+    """Config overrides that turn the config's detector into model ``name``: a peer trained as its
+    recipe trains it (``TRAINABLE_PEERS``), or ``mfXX`` followed by ``+option`` (``OPTIONS``) any
+    number of times."""
     base, *options = name.split("+")
+    if base in TRAINABLE_PEERS:
+        if options:
+            raise ValueError(f"{name!r}: a peer trains as its own recipe does; +options are MF-DETR's")
+        return recipe_overrides(base)
     unknown = [o for o in options if o not in OPTIONS]
     if unknown:
         raise ValueError(f"unknown option {unknown[0]!r} in {name!r}: one of {list(OPTIONS)}")
-    extra = [x for o in options for x in OPTIONS[o]]
-    if base in PEER_OVERRIDES:
-        return list(PEER_OVERRIDES[base]) + extra
     if base.startswith("mf"):
-        return ["MODEL.MOBILEFORMER.VARIANT", base] + extra
-    raise ValueError(f"unknown model {name!r}: mfXX (MF-DETR on that backbone variant) or {list(PEER_OVERRIDES)}, "
-                     f"with +option for any of {list(OPTIONS)}")
+        return ["MODEL.MOBILEFORMER.VARIANT", base] + [x for o in options for x in OPTIONS[o]]
+    raise ValueError(f"unknown model {name!r}: mfXX (MF-DETR on that backbone variant, with +option for any of "
+                     f"{list(OPTIONS)}) or one of {TRAINABLE_PEERS}")
+
+
+def input_scale_overrides(cfg, scale):
+    """Overrides that train and test at ``scale`` times the config's image sizes."""
+    if scale == 1:
+        return []
+    return ["INPUT.MIN_SIZE_TRAIN", tuple(round(s * scale) for s in cfg.INPUT.MIN_SIZE_TRAIN),
+            "INPUT.MAX_SIZE_TRAIN", round(cfg.INPUT.MAX_SIZE_TRAIN * scale),
+            "INPUT.MIN_SIZE_TEST", round(cfg.INPUT.MIN_SIZE_TEST * scale),
+            "INPUT.MAX_SIZE_TEST", round(cfg.INPUT.MAX_SIZE_TEST * scale)]
 
 
 def build_cfg(args, name, extra=()):
-    return setup_cfg(args.config_file, list(args.opts) + model_overrides(name) + list(extra))
+    opts = list(args.opts) + model_overrides(name)
+    return setup_cfg(args.config_file, opts + input_scale_overrides(setup_cfg(args.config_file, opts), args.input_scale)
+                     + list(extra))
 
 
 def calibrate(args, names):
@@ -238,8 +250,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--models", nargs="+", default=None,
-                        help="mfXX (MF-DETR on that backbone variant) or D-FINE-N, each with +ema for "
-                             "an option of OPTIONS (default: the config's variant, D-FINE-N)")
+                        help=f"mfXX (MF-DETR on that backbone variant, +ema for an option of OPTIONS) or a peer: "
+                             f"{', '.join(TRAINABLE_PEERS)} (default: the config's variant and every peer)")
     parser.add_argument("--reference", default=None,
                         help="the model that trains the config's schedule; the others train as long (default: "
                              "the first of --models)")
@@ -252,21 +264,24 @@ def main(argv=None):
     parser.add_argument("--calibration-rounds", type=int, default=5)
     parser.add_argument("--calibration-steps", type=int, default=4, help="training steps per model per round")
     parser.add_argument("--recalibrate", action="store_true", help="time the steps again instead of reusing calibration.json")
-    parser.add_argument("--output", default=None, help="default: output/compare_learning/<config name>")
+    parser.add_argument("--input-scale", type=float, default=1.0,
+                        help="train and test at this multiple of the config's image sizes")
+    parser.add_argument("--output", default=None, help="default: output/compare_learning/<config name>[_x<scale>]")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides for every model")
     args = parser.parse_args(argv)
     if args.models is None:
-        args.models = [setup_cfg(args.config_file, args.opts).MODEL.MOBILEFORMER.VARIANT, "D-FINE-N"]
+        args.models = [setup_cfg(args.config_file, args.opts).MODEL.MOBILEFORMER.VARIANT, *TRAINABLE_PEERS]
     args.reference = args.reference or args.models[0]
     for name in {*args.models, args.reference}:
         try:
             model_overrides(name)
         except ValueError as e:
             parser.error(f"--models: {e}")
-    if args.schedule <= 0 or args.points < 1:
-        parser.error("--schedule must be > 0 and --points >= 1")
+    if args.schedule <= 0 or args.points < 1 or args.input_scale <= 0:
+        parser.error("--schedule and --input-scale must be > 0 and --points >= 1")
+    scale = f"_x{args.input_scale:g}" if args.input_scale != 1 else ""
     args.output = args.output or os.path.join("output", "compare_learning",
-                                              os.path.splitext(os.path.basename(args.config_file))[0])
+                                              os.path.splitext(os.path.basename(args.config_file))[0] + scale)
     os.makedirs(args.output, exist_ok=True)
     setup_logger(args.output, name="mobileformer_det", abbrev_name="mfdet")
     setup_logger(args.output)
@@ -286,7 +301,8 @@ def main(argv=None):
     text = table(results, step_times, args.points)
     print(text)
     with open(os.path.join(args.output, "results.json"), "w") as f:
-        json.dump({"config": args.config_file, "opts": args.opts, "step_times": step_times, "runs": results,
+        json.dump({"config": args.config_file, "opts": args.opts, "input_scale": args.input_scale,
+                   "step_times": step_times, "runs": results,
                    "table": text}, f, indent=1)
     return results
 

@@ -7,3 +7,4 @@ from .backbone import (
     mobile_former_classifier,
 )
 from .detr import MFDETR
+from .peers import PeerDETR
