@@ -4,3 +4,5 @@ Detectron2 meta architecture that trains and evaluates the DETRs among them thro
 project's trainer. Importing this package imports neither library."""
 from .detector import PeerDETR
 from .zoo import PEERS, Peer, build_network, build_peer, recipe_overrides
+
+__all__ = ["PEERS", "Peer", "PeerDETR", "build_network", "build_peer", "recipe_overrides"]
