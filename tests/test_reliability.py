@@ -127,8 +127,9 @@ def _metrics_iterations(path):
 @pytest.mark.slow
 def test_output_dir_lock_kill_and_resume(tmp_path):
     """A second training into a busy OUTPUT_DIR stops at once, naming the first; after a kill,
-    --resume removes stale temporaries and the rows the killed run wrote after its checkpoint,
-    applies the config's learning rate, and refuses another class count."""
+    --resume removes stale temporaries and the rows the killed run wrote after its checkpoint
+    (metrics.json, and TensorBoard's view of the event files), applies the config's learning rate,
+    and refuses another class count and a backbone multiplier that changes the optimizer's groups."""
     out = tmp_path / "out"
     args = _small_run(out, "SOLVER.MAX_ITER", 400, "SOLVER.CHECKPOINT_PERIOD", 15, "SOLVER.BASE_LR", 1e-3)
     first = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", TOY_CONFIG,
@@ -160,6 +161,19 @@ def test_output_dir_lock_kill_and_resume(tmp_path):
     assert not [f for f in os.listdir(out) if ".tmp." in f]
     rows = _metrics_iterations(out / "metrics.json")
     assert len(rows) == len(set(rows)) and max(rows) == end - 1, rows
+    # TensorBoard, reading both runs' event files, shows each iteration once too
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def steps(path):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        return [e.step for e in events.Scalars("total_loss")]
+
+    first_file, second_file = sorted(f for f in os.listdir(out) if f.startswith("events.out.tfevents"))
+    assert max(steps(out / first_file)) >= resume_from        # the killed run wrote past its checkpoint
+    shown = steps(out)                                         # both files, as TensorBoard reads them
+    assert shown == sorted(set(shown)) and shown[-1] == end - 1, shown
+    assert [s for s in steps(out / second_file) if s >= resume_from] == [s for s in shown if s >= resume_from]
     # the config's rate, from the resume on: what Detectron2's scheduler of the new config gives there
     from detectron2.solver import build_lr_scheduler
 
@@ -173,6 +187,9 @@ def test_output_dir_lock_kill_and_resume(tmp_path):
     resumed = {m["iteration"]: m["lr"] for m in map(json.loads, open(out / "metrics.json")) if "lr" in m}
     assert resumed[end - 1] == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-6)
 
+    rc, log = _train("--resume", *_small_run(out, "SOLVER.MAX_ITER", end + 14, "SOLVER.BACKBONE_MULTIPLIER", 0.5))
+    assert rc != 0 and "Starting training" not in log and "SOLVER.BACKBONE_MULTIPLIER" in log, log[-2000:]
+    assert "parameter groups of [" in log and "without --resume" in log
     rc, log = _train("--resume", *_small_run(out, "SOLVER.MAX_ITER", end + 14, "MODEL.MF_DETR.NUM_CLASSES", 5))
     assert rc != 0 and "Starting training" not in log
     assert "transformer.class_heads.0.weight (4, 128) vs (5, 128)" in log and "MODEL.MF_DETR.NUM_CLASSES" in log, log[-2000:]

@@ -249,3 +249,22 @@ def test_optimizer_groups_backbone_multiplier_and_no_decay_on_norms():
                  "neck.lateral.0.1.weight", "level_embed", "token_pos.weight", "transformer.query_embed.weight",
                  "transformer.decoder.0.ffn.fc1.bias"):
         assert group(name)["weight_decay"] == 0.0, name
+
+
+def test_a_resume_whose_optimizer_groups_changed_is_refused_with_the_cause():
+    """A backbone multiplier that makes the backbone's rate differ from the rest's (1.0 -> 0.5) splits
+    their groups: the saved state does not fit, and the message names the keys and the fix; one that
+    keeps the groups (0.1 -> 0.2) loads."""
+    from detectron2.modeling import build_model
+
+    from mobileformer_det.engine import ClippingTrainer, build_optimizer
+
+    model = build_model(toy_cfg())
+    saved = build_optimizer(toy_cfg("SOLVER.BACKBONE_MULTIPLIER", 1.0), model).state_dict()
+    trainer = ClippingTrainer(model, iter([]), build_optimizer(toy_cfg("SOLVER.BACKBONE_MULTIPLIER", 0.5), model))
+    with pytest.raises(ValueError, match=r"groups of \[\d+, \d+\] parameters, this run's optimizer \[\d+, \d+, \d+, \d+\]"
+                                         r".*SOLVER.BACKBONE_MULTIPLIER.*without --resume"):
+        trainer.load_state_dict({"optimizer": saved, "iteration": 0})
+    tenth = build_optimizer(toy_cfg("SOLVER.BACKBONE_MULTIPLIER", 0.1), model).state_dict()
+    ClippingTrainer(model, iter([]), build_optimizer(toy_cfg("SOLVER.BACKBONE_MULTIPLIER", 0.2), model)).load_state_dict(
+        {"optimizer": tenth, "iteration": 0})

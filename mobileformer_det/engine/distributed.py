@@ -11,6 +11,7 @@ __all__ = ["ReplicaCheck", "broadcast_buffers", "has_trainable_batch_norm", "unw
 
 logger = logging.getLogger("mobileformer_det.engine")
 
+
 def has_trainable_batch_norm(model):
     """Whether some BatchNorm updates running statistics of its own process's batches."""
     return any(type(m) is nn.BatchNorm2d and m.track_running_stats for m in model.modules())

@@ -3,6 +3,7 @@ from detectron2.evaluation import COCOEvaluator
 
 __all__ = ["ReadableCOCOEvaluator"]
 
+
 class ReadableCOCOEvaluator(COCOEvaluator):
     """``COCOEvaluator`` over the images that were read.
 

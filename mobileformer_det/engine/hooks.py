@@ -3,6 +3,7 @@ from detectron2.engine import hooks
 
 __all__ = ["DataProgress"]
 
+
 class DataProgress(hooks.HookBase):
     """Writes the iteration about to run into ``progress``, the shared tensor that the training
     mapper's schedules (``INPUT.MOSAIC.UNTIL_ITER``, ``INPUT.DFINE_AUG.UNTIL_ITER``) read in every

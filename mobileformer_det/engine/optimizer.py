@@ -6,6 +6,7 @@ from torch import nn
 
 __all__ = ["build_optimizer", "clip_norm_from_config", "clip_full_model"]
 
+
 # Detectron2's channels-first LayerNorm (the neck's) is not an nn.LayerNorm.
 _NO_DECAY_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, ChannelsFirstLayerNorm, nn.Embedding)
 _NO_DECAY_NAMES = ("bias", "in_proj_bias", "tokens", "level_embed")

@@ -6,12 +6,17 @@ import os
 import socket
 import sys
 import time
+import weakref
+from functools import cached_property
+
+from detectron2.utils.events import TensorboardXWriter
 
 from ..checkpoint import remove_stale_temporaries
 
-__all__ = ["claim_output_dir", "truncate_metrics"]
+__all__ = ["ResumingTensorboardWriter", "claim_output_dir", "truncate_metrics"]
 
 logger = logging.getLogger("mobileformer_det.engine")
+
 
 def claim_output_dir(path):
     """Make sure that no other training writes into ``path`` while this one runs.
@@ -64,3 +69,22 @@ def _iteration(line):
         return json.loads(line).get("iteration", -1)
     except ValueError:  # a line cut short by a kill
         return float("inf")
+
+
+class ResumingTensorboardWriter(TensorboardXWriter):
+    """Detectron2's ``TensorboardXWriter``, which on a resumed run hides the event files' points at
+    and after the resumed iteration (``SummaryWriter(purge_step=...)``: they were written after the
+    checkpoint by the run that stopped), so that TensorBoard shows one curve, as ``metrics.json``
+    keeps one history (:func:`truncate_metrics`). Its writer opens at the first write, once
+    ``trainer.start_iter`` is known."""
+
+    def __init__(self, trainer, log_dir, window_size=20):
+        super().__init__(log_dir, window_size)
+        self._trainer = weakref.proxy(trainer)
+
+    @cached_property
+    def _writer(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        start = self._trainer.start_iter
+        return SummaryWriter(self._writer_args["log_dir"], purge_step=start if start > 0 else None)

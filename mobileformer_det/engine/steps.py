@@ -12,6 +12,7 @@ __all__ = ["ClippingTrainer", "ClippingAMPTrainer"]
 
 logger = logging.getLogger("mobileformer_det.engine")
 
+
 class _StopsOnNonFinite:
     """Stops training with ``FloatingPointError`` at the first step whose loss (or, without AMP,
     whose gradients) is not finite, before the optimizer applies it.
@@ -50,6 +51,21 @@ class _StopsOnNonFinite:
             f"and train again, or --resume from a checkpoint written before the losses grew (see metrics.json)")
 
 
+def check_optimizer_state(optimizer, state_dict):
+    """Raise ``ValueError`` naming the cause and the fix when a checkpoint's optimizer state does not
+    fit ``optimizer`` (torch's own message names neither)."""
+    saved = [len(g["params"]) for g in state_dict["param_groups"]]
+    ours = [len(g["params"]) for g in optimizer.param_groups]
+    if saved != ours:
+        raise ValueError(
+            f"the checkpoint's optimizer state holds parameter groups of {saved} parameters, this run's optimizer "
+            f"{ours}. Parameters that share a learning rate and weight decay share a group: a SOLVER.BACKBONE_MULTIPLIER "
+            f"or SOLVER.WEIGHT_DECAY that makes the backbone's rate equal to the rest's (or no longer equal), or "
+            f"another MODEL.MOBILEFORMER.FREEZE_AT, changes the groups. Resume with the values the checkpoint was "
+            f"written with (changes that keep the groups, e.g. 0.1 -> 0.2, apply on resume), or start a new "
+            f"training from its weights (MODEL.WEIGHTS <checkpoint>, without --resume)")
+
+
 class ClippingTrainer(_StopsOnNonFinite, SimpleTrainer):
     """``SimpleTrainer`` that clips the norm of all gradients together to ``clip_norm`` after backward,
     and stops on a non-finite loss or gradient (:class:`_StopsOnNonFinite`)."""
@@ -63,6 +79,10 @@ class ClippingTrainer(_StopsOnNonFinite, SimpleTrainer):
         grad_norm = clip_full_model(self.optimizer, float("inf") if self.clip_norm is None else self.clip_norm)
         self._check_finite(grad_norm, amp=False)
         super().after_backward()
+
+    def load_state_dict(self, state_dict):
+        check_optimizer_state(self.optimizer, state_dict["optimizer"])
+        super().load_state_dict(state_dict)
 
 
 class ClippingAMPTrainer(_StopsOnNonFinite, AMPTrainer):
@@ -85,6 +105,7 @@ class ClippingAMPTrainer(_StopsOnNonFinite, AMPTrainer):
         super().after_backward()
 
     def load_state_dict(self, state_dict):
+        check_optimizer_state(self.optimizer, state_dict["optimizer"])
         if "grad_scaler" in state_dict:
             return super().load_state_dict(state_dict)
         SimpleTrainer.load_state_dict(self, state_dict)

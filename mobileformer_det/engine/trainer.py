@@ -8,6 +8,7 @@ from detectron2.data import build_detection_test_loader, build_detection_train_l
 from detectron2.engine import DefaultTrainer, create_ddp_model, hooks
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.utils import comm
+from detectron2.utils.events import TensorboardXWriter
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import MobileFormerCheckpointer
@@ -23,12 +24,13 @@ from .distributed import ReplicaCheck, broadcast_buffers, has_trainable_batch_no
 from .evaluation import ReadableCOCOEvaluator
 from .hooks import DataProgress
 from .optimizer import build_optimizer, clip_norm_from_config
-from .output_dir import truncate_metrics
+from .output_dir import ResumingTensorboardWriter, truncate_metrics
 from .steps import ClippingAMPTrainer, ClippingTrainer
 
 __all__ = ["Trainer"]
 
 logger = logging.getLogger("mobileformer_det.engine")
+
 
 # The config keys behind an optimizer group's hyper-parameters, for the resume log.
 _SOLVER_KEYS = {"initial_lr": "learning rate (SOLVER.BASE_LR x BACKBONE_MULTIPLIER)", "weight_decay": "SOLVER.WEIGHT_DECAY",
@@ -201,6 +203,11 @@ class Trainer(DefaultTrainer):
         evaluate the model that the checkpoint holds."""
         broadcast_buffers(model)
         return super().test(cfg, model, evaluators)
+
+    def build_writers(self):
+        """Detectron2's writers, with :class:`ResumingTensorboardWriter` for its TensorBoard one."""
+        return [ResumingTensorboardWriter(self, self.cfg.OUTPUT_DIR) if isinstance(w, TensorboardXWriter) else w
+                for w in super().build_writers()]
 
     def build_hooks(self):
         # DefaultTrainer's hooks, with the periodic checkpointer keeping only the last few files; with
