@@ -72,6 +72,21 @@ def test_mapper_drops_crowd_and_keeps_boxes_valid_after_crops(tmp_path):
         assert min(h, w) >= 96 and out["image"].dtype == torch.uint8
 
 
+@pytest.mark.parametrize("flip, expected", [("none", {(5, 5, 45, 35)}), ("horizontal", {(5, 5, 45, 35), (115, 5, 155, 35)}),
+                                            ("vertical", {(5, 5, 45, 35), (5, 93, 45, 123)})])
+def test_mapper_flips_as_input_random_flip_says(tmp_path, flip, expected):
+    """INPUT.RANDOM_FLIP, as Detectron2's own mapper reads it: over 40 draws of a 160x128 image at
+    its own size, a box at (5, 5, 45, 35) stays put, or is mirrored in x, or in y."""
+    path = str(tmp_path / "img.png")
+    Image.fromarray(np.zeros((128, 160, 3), dtype=np.uint8)).save(path)
+    mapper = DetrDatasetMapper(toy_cfg("INPUT.RANDOM_FLIP", flip, "INPUT.MIN_SIZE_TRAIN", (128,), "INPUT.MAX_SIZE_TRAIN", 160,
+                                       "INPUT.DETR_CROP.ENABLED", False), is_train=True)
+    np.random.seed(0)
+    seen = {tuple(mapper(_dataset_dict(path, [_anno([5, 5, 40, 30])]))["instances"].gt_boxes.tensor[0].round().int().tolist())
+            for _ in range(40)}
+    assert seen == expected
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
 def test_mapper_reads_grayscale_rgba_palette_as_rgb(tmp_path, mode):
     path = str(tmp_path / f"img_{mode}.png")

@@ -16,9 +16,10 @@ logger = logging.getLogger(__name__)
 class DetrDatasetMapper:
     """Read an image, augment it as DETR does, and build ``instances``.
 
-    Training: random horizontal flip, then with probability ``crop_prob`` a resize of the shorter
-    side to one of ``crop_resize`` and a random crop of ``crop_size`` (absolute range), then a
-    resize of the shorter side to one of ``min_size_train`` (longer side at most ``max_size``).
+    Training: random flip (``INPUT.RANDOM_FLIP``: horizontal, vertical or none), then with
+    probability ``crop_prob`` a resize of the shorter side to one of ``crop_resize`` and a random
+    crop of ``crop_size`` (absolute range), then a resize of the shorter side to one of
+    ``min_size_train`` (longer side at most ``max_size``).
     Crowd boxes are dropped; boxes are clipped to the crop and empty ones removed. Segmentations
     and keypoints are dropped unless ``MODEL.MASK_ON`` / ``MODEL.KEYPOINT_ON`` (as Detectron2's
     ``DatasetMapper`` does): a box detector must not clip polygons, nor lose a box because its
@@ -56,11 +57,14 @@ class DetrDatasetMapper:
         self.use_instance_mask, self.use_keypoint = cfg.MODEL.MASK_ON, cfg.MODEL.KEYPOINT_ON
         if is_train:
             resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, "choice")
-            self.augmentations = [T.RandomFlip(), resize]
+            # INPUT.RANDOM_FLIP as Detectron2's build_augmentation reads it: horizontal, vertical or none
+            flip = [] if cfg.INPUT.RANDOM_FLIP == "none" else [T.RandomFlip(
+                horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal", vertical=cfg.INPUT.RANDOM_FLIP == "vertical")]
+            self.augmentations = [*flip, resize]
             crop = cfg.INPUT.DETR_CROP
             self.crop_prob = crop.PROB if crop.ENABLED else 0.0
             self.crop_augmentations = [
-                T.RandomFlip(),
+                *flip,
                 T.ResizeShortestEdge(crop.RESIZE_SHORT, sample_style="choice"),
                 T.RandomCrop("absolute_range", crop.SIZE),
                 resize,
