@@ -171,6 +171,12 @@ def add_mobileformer_config(cfg):
     # Learning-rate factor of the backbone's parameters.
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     cfg.SOLVER.BETAS = (0.9, 0.999)
+    # Stop training, as on a non-finite loss, before applying a step whose loss or gradient norm is
+    # more than FACTOR times its median over the last WINDOW steps (checked once WINDOW steps have
+    # run): a divergence that stays finite. 0 = off.
+    cfg.SOLVER.DIVERGENCE = CN()
+    cfg.SOLVER.DIVERGENCE.FACTOR = 100.0
+    cfg.SOLVER.DIVERGENCE.WINDOW = 100
 
     # The DETR data augmentation (tools/train_net.py's mapper).
     # Random resize-crop-resize with this probability; crop size range as fractions of the image.

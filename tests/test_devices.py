@@ -191,3 +191,45 @@ def test_onnxruntime_cuda_provider_equals_pytorch(tmp_path):
     got = session.run(None, {"images": images.numpy(), "image_sizes": np.array([[128, 160]])})
     np.testing.assert_allclose(got[1], expected[1], atol=1e-3)
     np.testing.assert_allclose(got[0], expected[0], atol=0.5)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_a_loss_that_grows_finitely_stops_the_step_before_it_is_applied(device):
+    """A loss 200x its median over the last 5 steps (factor 100) stops the step, finite as it is, and
+    the message says what grew; the steps before it were applied, and none is judged before the
+    window is full."""
+    from mobileformer_det.engine import ClippingTrainer
+
+    model = torch.nn.Linear(4, 1, bias=False).to(device)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    scales = [1.0, 2.0, 1.0, 1.5, 1.0, 0.5, 200.0]  # mean output 4 x scale
+    batches = iter([torch.full((2, 4), s, device=device) for s in scales])
+    trainer = ClippingTrainer(lambda_loss(model), batches, torch.optim.SGD(model.parameters(), lr=0.0),
+                              clip_norm=None, divergence_factor=100.0, divergence_window=5)
+    with EventStorage():
+        for trainer.iter in range(6):
+            trainer.run_step()
+        trainer.iter = 6
+        with pytest.raises(FloatingPointError, match=r"iteration 6: the loss 800 is 200x its median over the last 5 "
+                                                     r"steps \(SOLVER.DIVERGENCE.FACTOR 100\)"):
+            trainer.run_step()
+    assert [round(loss) for loss, _ in trainer._history] == [8, 4, 6, 4, 2]
+
+    # with a learning rate: the step that grew is not applied
+    moving = ClippingTrainer(lambda_loss(model), iter([torch.full((2, 4), s, device=device) for s in scales]),
+                             torch.optim.SGD(model.parameters(), lr=0.01), divergence_factor=100.0, divergence_window=5)
+    with EventStorage():
+        for moving.iter in range(6):
+            moving.run_step()
+        before = model.weight.detach().clone()
+        moving.iter = 6
+        with pytest.raises(FloatingPointError, match="iteration 6: the loss"):
+            moving.run_step()
+    assert torch.equal(before, model.weight) and not torch.equal(before, torch.ones_like(before))
+
+    quiet = ClippingTrainer(lambda_loss(model), iter([torch.full((2, 4), s, device=device) for s in [1.0, 1e4]]),
+                            torch.optim.SGD(model.parameters(), lr=0.0), divergence_factor=100.0, divergence_window=5)
+    with EventStorage():
+        for quiet.iter in range(2):  # fewer steps than the window: nothing to compare with yet
+            quiet.run_step()

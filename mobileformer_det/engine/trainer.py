@@ -25,6 +25,7 @@ from .evaluation import ReadableCOCOEvaluator
 from .hooks import DataProgress
 from .optimizer import build_optimizer, clip_norm_from_config
 from .output_dir import ResumingTensorboardWriter, truncate_metrics
+from .preemption import Preemption
 from .steps import ClippingAMPTrainer, ClippingTrainer
 
 __all__ = ["Trainer"]
@@ -58,7 +59,9 @@ class Trainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         model = self.build_ddp_model(cfg, model)
         step_trainer = ClippingAMPTrainer if cfg.SOLVER.AMP.ENABLED else ClippingTrainer
-        self._trainer = step_trainer(model, data_loader, optimizer, clip_norm=clip_norm_from_config(cfg))
+        self._trainer = step_trainer(model, data_loader, optimizer, clip_norm=clip_norm_from_config(cfg),
+                                     divergence_factor=cfg.SOLVER.DIVERGENCE.FACTOR,
+                                     divergence_window=cfg.SOLVER.DIVERGENCE.WINDOW)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.model_ema = (ModelEMA(unwrap(model), cfg.MODEL_EMA.DECAY, cfg.MODEL_EMA.WARMUP_ITERS)
                           if cfg.MODEL_EMA.ENABLED else None)
@@ -226,4 +229,5 @@ class Trainer(DefaultTrainer):
             hook_list.insert(0, DataProgress(progress))
         if comm.get_world_size() > 1:  # last on every process: collectives run in the same order
             hook_list.append(ReplicaCheck(self.model, self.cfg.SOLVER.CHECKPOINT_PERIOD))
+        hook_list.append(Preemption(self.checkpointer))  # after everything a checkpoint holds has stepped
         return hook_list

@@ -57,7 +57,7 @@ class HungarianMatcher(nn.Module):
         boxes = torch.cat([b.float() for _, b in prediction_sets], 1)
         flat = torch.cat([self.cost(lg, b, t).flatten() for lg, b, t in zip(logits, boxes, targets)]).cpu().numpy()
         # A diverged model's NaN predictions would stop scipy here; matched anyhow, they make the
-        # loss non-finite, and the trainer stops with the cause (engine._StopsOnNonFinite).
+        # loss non-finite, and the trainer stops with the cause (engine.steps._StopsOnDivergence).
         flat = np.nan_to_num(flat, nan=1e9, posinf=1e9, neginf=-1e9)
         bounds = np.cumsum(sizes)[:-1]
         indices = [[] for _ in sizes]
