@@ -7,8 +7,13 @@ Without CUDA, MODEL.DEVICE falls back to cpu and AMP is turned off. With MODEL.D
 
 A training holds a lock on its OUTPUT_DIR: a second one started into the same folder stops at once,
 naming the first. --eval-only needs weights: MODEL.WEIGHTS, or --resume with a checkpoint in OUTPUT_DIR.
+
+On SIGTERM or SIGUSR1 (a cluster's preemption), every process finishes its step, the main process
+writes a checkpoint (last_checkpoint), and the job exits with status 75 (EXIT_PREEMPTED):
+--resume continues from it.
 """
 import logging
+import multiprocessing
 import os
 import sys
 
@@ -17,11 +22,12 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from torch.multiprocessing import ProcessExitedException
 
 from mobileformer_det import setup_cfg
 from mobileformer_det.checkpoint import MobileFormerCheckpointer
 from mobileformer_det.data import register_datasets_from_config
-from mobileformer_det.engine import Trainer, claim_output_dir
+from mobileformer_det.engine import EXIT_PREEMPTED, Preempted, Trainer, claim_output_dir, forward_signals
 
 logger = logging.getLogger("mobileformer_det")
 
@@ -71,13 +77,22 @@ def main(cfg, args):
     else:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
-        results = trainer.train()
+        try:
+            results = trainer.train()
+        except Preempted as e:
+            logger.warning(f"{e}; exit status {EXIT_PREEMPTED}")
+            leave_together()
+            sys.exit(EXIT_PREEMPTED)
+    leave_together()
+    return results
+
+
+def leave_together():
+    """Leave together and close the process groups: a process that exits while gloo still holds
+    its peers' connections can abort ("terminate called without an active exception")."""
     if comm.get_world_size() > 1:
-        # Leave together and close the process groups: a process that exits while gloo still holds
-        # its peers' connections can abort ("terminate called without an active exception").
         comm.synchronize()
         torch.distributed.destroy_process_group()
-    return results
 
 
 if __name__ == "__main__":
@@ -94,5 +109,12 @@ if __name__ == "__main__":
         except RuntimeError as e:
             sys.exit(f"train_net.py: error: {e}")
     processes_on_cpu(cfg, args.num_gpus * args.num_machines)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(cfg, args))
+    if args.num_gpus > 1:
+        forward_signals(multiprocessing.active_children)  # a cluster may signal this process only
+    try:
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(cfg, args))
+    except ProcessExitedException as e:
+        if e.exit_code != EXIT_PREEMPTED:
+            raise
+        sys.exit(EXIT_PREEMPTED)
