@@ -10,10 +10,12 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import zipfile
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
 from .modeling.backbone import VARIANTS, mobile_former_classifier
@@ -208,8 +210,25 @@ class MobileFormerCheckpointer(DetectionCheckpointer):
         self._file = ""  # the file being loaded, for the messages
 
     def save(self, name, **kwargs):
-        if not self.save_dir or not self.save_to_disk:
-            return
+        """Write ``<name>.pth`` atomically and tag it ``last_checkpoint`` (the main process). In a
+        training of several processes every process calls it at the same points (the trainer's
+        hooks do), and when the write fails (non-finite weights, a full disk) all of them raise, so
+        that none waits for the others in the next collective."""
+        problem = None
+        if self.save_dir and self.save_to_disk:
+            try:
+                self._save(name, **kwargs)
+            except (FloatingPointError, OSError) as e:
+                problem = e
+        if comm.get_world_size() > 1:
+            failed = next((p for p in comm.all_gather(None if problem is None else (type(problem), str(problem)))
+                           if p is not None), None)
+            if problem is None and failed is not None:
+                problem = failed[0](f"on the main process: {failed[1]}")
+        if problem is not None:
+            raise problem
+
+    def _save(self, name, **kwargs):
         data = {"model": self.model.state_dict()}
         bad = next((k for k, v in data["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
         if bad is not None:
@@ -224,8 +243,18 @@ class MobileFormerCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        _atomic_write(save_file, lambda f: torch.save(data, f))
-        self.tag_last_checkpoint(basename)
+        previous = self.get_checkpoint_file() if self.has_checkpoint() else None
+        try:
+            _atomic_write(save_file, lambda f: torch.save(data, f))
+            self.tag_last_checkpoint(basename)
+        except OSError as e:
+            usage = shutil.disk_usage(self.save_dir)
+            kept = (f"{os.path.basename(previous)} is intact and still last_checkpoint" if previous
+                    else "there is no earlier checkpoint")
+            raise OSError(e.errno, f"could not write the checkpoint {save_file} ({e.strerror or e}; the disk of "
+                                   f"{self.save_dir} has {usage.free / 2**30:.2f} of {usage.total / 2**30:.2f} GiB free). "
+                                   f"Training stops here; {kept}: free space on that disk (or copy OUTPUT_DIR "
+                                   f"to a disk that has it and set OUTPUT_DIR there), then --resume") from e
 
     def tag_last_checkpoint(self, last_filename_basename):
         path = os.path.join(self.save_dir, "last_checkpoint")

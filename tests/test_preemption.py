@@ -120,3 +120,47 @@ def test_preempted_twice_and_resumed_ends_where_an_uninterrupted_run_ends(tmp_pa
         assert torch.equal(weights[key], value), key
     for key, value in expected_average.items():
         assert torch.equal(average[key], value), key
+
+
+FULL_DISK = '''
+import errno, os, torch
+_save = torch.save
+def _full_disk(obj, f, *args, **kwargs):  # the disk fills while this checkpoint is written
+    if os.path.basename(getattr(f, "name", str(f))).startswith(os.environ["MFDET_TEST_FULL_DISK_AT"]):
+        f.write(b"PK half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return _save(obj, f, *args, **kwargs)
+torch.save = _full_disk
+'''
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_during_a_checkpoint_stops_every_process_and_keeps_the_previous_one(tmp_path):
+    """The write of model_0000007.pth fails part way (torch.save made to raise ENOSPC, in both
+    processes through sitecustomize): training stops on both processes with a message naming the
+    disk, model_0000003.pth is intact and still last_checkpoint, nothing half-written is left, and
+    --resume continues from iteration 4 to the end."""
+    data = _one_image_set(tmp_path)
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FULL_DISK)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")]),
+               MFDET_TEST_FULL_DISK_AT="model_0000007.pth")
+    out = tmp_path / "out"
+    full = subprocess.run(_command(out, data, "SOLVER.MAX_ITER", 12), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=env)
+    log = full.stdout + full.stderr
+    assert full.returncode != 0 and "could not write the checkpoint" in log, log[-3000:]
+    assert f"the disk of {out} has" in log and "GiB free" in log and "No space left on device" in log
+    assert "model_0000003.pth is intact and still last_checkpoint" in log and "then --resume" in log
+    # the other process stopped at the same step, with the main process's error
+    assert "on the main process: [Errno 28] could not write the checkpoint" in (out / "log.txt.rank1").read_text()
+    assert (out / "last_checkpoint").read_text() == "model_0000003.pth"
+    assert torch.load(out / "model_0000003.pth", weights_only=False)["iteration"] == 3
+    assert sorted(f for f in os.listdir(out) if ".pth" in f) == ["model_0000003.pth"]
+
+    resumed = subprocess.run(_command(out, data, "SOLVER.MAX_ITER", 12, flags=("--resume",)), cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Starting training from iteration 4" in resumed.stdout + resumed.stderr
+    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 11

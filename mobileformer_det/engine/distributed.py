@@ -7,7 +7,7 @@ from detectron2.utils import comm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["ReplicaCheck", "broadcast_buffers", "has_trainable_batch_norm", "unwrap"]
+__all__ = ["CheckpointEveryPeriod", "ReplicaCheck", "broadcast_buffers", "has_trainable_batch_norm", "unwrap"]
 
 logger = logging.getLogger("mobileformer_det.engine")
 
@@ -53,3 +53,20 @@ class ReplicaCheck(hooks.HookBase):
 
     def after_train(self):
         self.check()
+
+
+class CheckpointEveryPeriod(hooks.PeriodicCheckpointer):
+    """Detectron2's periodic checkpointer (every ``period`` iterations and at the end, keeping the
+    last ``max_to_keep`` files), on every process: the main process writes, and all of them take
+    part in the checkpointer's agreement on whether the write succeeded
+    (:meth:`~mobileformer_det.checkpoint.MobileFormerCheckpointer.save`), so that a failed write (a
+    full disk) stops every process at the same step. Detectron2 registers its own on the main
+    process only."""
+
+    def step(self, iteration, **kwargs):
+        if comm.is_main_process():
+            return super().step(iteration, **kwargs)
+        if (iteration + 1) % self.period == 0:
+            self.checkpointer.save(f"{self.file_prefix}_{iteration:07d}", iteration=iteration, **kwargs)
+        if self.max_iter is not None and iteration >= self.max_iter - 1:
+            self.checkpointer.save(f"{self.file_prefix}_final", iteration=iteration, **kwargs)

@@ -20,7 +20,7 @@ from ..data import (
     drop_missing_images,
 )
 from ..ema import EMAHook, ModelEMA
-from .distributed import ReplicaCheck, broadcast_buffers, has_trainable_batch_norm, unwrap
+from .distributed import CheckpointEveryPeriod, ReplicaCheck, broadcast_buffers, has_trainable_batch_norm, unwrap
 from .evaluation import ReadableCOCOEvaluator
 from .hooks import DataProgress
 from .optimizer import build_optimizer, clip_norm_from_config
@@ -213,16 +213,15 @@ class Trainer(DefaultTrainer):
                 for w in super().build_writers()]
 
     def build_hooks(self):
-        # DefaultTrainer's hooks, with the periodic checkpointer keeping only the last few files; with
-        # MODEL_EMA, the average is updated before them and evaluated instead of the weights.
-        hook_list = super().build_hooks()
-        for i, h in enumerate(hook_list):
-            if isinstance(h, hooks.PeriodicCheckpointer):
-                hook_list[i] = hooks.PeriodicCheckpointer(
-                    self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=3)
-            elif isinstance(h, hooks.EvalHook) and self.model_ema is not None:
-                hook_list[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_averaged_weights)
+        # DefaultTrainer's hooks, with the periodic checkpointer on every process (it saves on the
+        # main one; see CheckpointEveryPeriod) keeping only the last few files; with MODEL_EMA, the
+        # average is updated before them and evaluated instead of the weights.
+        hook_list = [h for h in super().build_hooks() if not isinstance(h, hooks.PeriodicCheckpointer)]
+        evaluation = next(i for i, h in enumerate(hook_list) if isinstance(h, hooks.EvalHook))
+        hook_list.insert(evaluation, CheckpointEveryPeriod(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD,
+                                                           max_to_keep=3))
         if self.model_ema is not None:
+            hook_list[evaluation + 1] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_averaged_weights)
             hook_list.insert(2, EMAHook(self.model_ema, unwrap(self.model)))  # after the timer and scheduler
         progress = getattr(self._trainer.data_loader, "progress", None)
         if progress is not None:
