@@ -120,6 +120,19 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
             assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), name
 
 
+def _tensorboard_steps(path):
+    """The iterations of the ``total_loss`` points TensorBoard shows for an event file or a folder of them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(path))
+    events.Reload()
+    return [e.step for e in events.Scalars("total_loss")] if "total_loss" in events.Tags()["scalars"] else []
+
+
+def _last_checkpoint_iteration(out):
+    return int((out / "last_checkpoint").read_text().strip()[len("model_"):-len(".pth")])
+
+
 def _metrics_iterations(path):
     return [json.loads(line)["iteration"] for line in open(path)]
 
@@ -145,11 +158,16 @@ def test_output_dir_lock_kill_and_resume(tmp_path):
         assert rc != 0 and f"is in use by another training (pid {first.pid}" in log, log[-2000:]
         assert "set OUTPUT_DIR to another folder" in log
         assert (out / "config.yaml").read_text() == config_before
+        # killed once its event file holds a point past its last checkpoint (points at 19, 39, ...,
+        # checkpoints at 14, 29, ...), so that both histories hold iterations from the resumed one on
+        while _tensorboard_steps(out)[-1:] <= [_last_checkpoint_iteration(out)]:
+            assert first.poll() is None and time.time() < deadline, "the first training ended or stalled"
+            time.sleep(0.05)
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     # The resume starts after the last checkpoint, which a loaded machine may write after the last metrics row.
-    resume_from = int((out / "last_checkpoint").read_text().strip()[len("model_"):-len(".pth")]) + 1
+    resume_from = _last_checkpoint_iteration(out) + 1
     end = max(max(_metrics_iterations(out / "metrics.json")), resume_from) + 6
     (out / "model_0000029.pth.tmp.99999").write_bytes(b"half a checkpoint")   # a save the kill interrupted
 
@@ -162,18 +180,11 @@ def test_output_dir_lock_kill_and_resume(tmp_path):
     rows = _metrics_iterations(out / "metrics.json")
     assert len(rows) == len(set(rows)) and max(rows) == end - 1, rows
     # TensorBoard, reading both runs' event files, shows each iteration once too
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    def steps(path):
-        events = EventAccumulator(str(path))
-        events.Reload()
-        return [e.step for e in events.Scalars("total_loss")]
-
     first_file, second_file = sorted(f for f in os.listdir(out) if f.startswith("events.out.tfevents"))
-    assert max(steps(out / first_file)) >= resume_from        # the killed run wrote past its checkpoint
-    shown = steps(out)                                         # both files, as TensorBoard reads them
+    assert max(_tensorboard_steps(out / first_file)) >= resume_from     # the killed run wrote past its checkpoint
+    shown = _tensorboard_steps(out)                                      # both files, as TensorBoard reads them
     assert shown == sorted(set(shown)) and shown[-1] == end - 1, shown
-    assert [s for s in steps(out / second_file) if s >= resume_from] == [s for s in shown if s >= resume_from]
+    assert [s for s in _tensorboard_steps(out / second_file) if s >= resume_from] == [s for s in shown if s >= resume_from]
     # the config's rate, from the resume on: what Detectron2's scheduler of the new config gives there
     from detectron2.solver import build_lr_scheduler
 
