@@ -17,6 +17,9 @@ from mobileformer_det.modeling.peers import PEERS, build_peer, recipe_overrides 
 from mobileformer_det.utils.flops import flop_count_analysis  # noqa: E402
 
 TRAINABLE = [name for name, peer in PEERS.items() if peer.trainable]
+# Parameters of the DEIMv2 repository's own builds (Intellindust-AI-Lab/DEIMv2 at 0fff8d4, its YAMLs with
+# HGNetv2.pretrained False, 80 classes), counted there.
+AUTHORS_COUNTS = {"DEIMv2-Atto": 508985, "DEIMv2-Femto": 983945, "DEIMv2-Pico": 1539539, "DEIMv2-N": 3600421}
 # Parameters the authors' code also keeps fixed: D-FINE's bin spacing and range (nn.Parameter(requires_grad=False)).
 CONSTANTS = {"model.decoder.reg_scale", "model.decoder.up"}
 
@@ -29,12 +32,15 @@ def _peer(name, *opts):
                                   "RT-DETRv2-R18"])
 def test_peers_are_the_published_models(name):
     """Parameters as published (to 10%: the papers round to 0.1 M below 2 M and to the million
-    above), and, for the HGNetV2 DETRs, GFLOPs at their published input: the authors count a
-    multiply-add as two flops, fvcore as one (to 15%: D-FINE-S counts 28 against 25)."""
+    above), DEIMv2's to the unit of its authors' code, and, for the HGNetV2 DETRs, GFLOPs at their
+    published input: the authors count a multiply-add as two flops, fvcore as one (to 15%: D-FINE-S
+    counts 28 against 25)."""
     peer = PEERS[name]
     module, exportable = build_peer(name)
     params = sum(p.numel() for p in module.parameters()) / 1e6
     assert abs(params - peer.params) <= 0.1 * peer.params, params
+    if name in AUTHORS_COUNTS:
+        assert sum(p.numel() for p in module.parameters()) == AUTHORS_COUNTS[name]
     assert exportable and module.network.config.num_labels == 80 and module.network.config.decoder_layers == 3
     images = torch.rand(1, 3, *peer.input_size) * 255
     with torch.no_grad():

@@ -94,6 +94,10 @@ def _deimv2(size, num_labels, num_queries):
         decoder_ffn_dim=ffn, decoder_activation_function="silu", share_bbox_head=lite, use_gateway=not lite,
         focal_loss_gamma=1.5)  # DEIMCriterion's gamma: MAL's IoU ** 1.5 targets
     model = Deimv2ForObjectDetection(config)
+    # DEIMv2's DEIMTransformer scores and selects the map positions on the memory itself;
+    # transformers 5.25 keeps D-FINE's projection and LayerNorm (enc_output) before them. Without
+    # it the parameter counts are the authors' code's to the unit (tests/test_peers.py).
+    model.model.enc_output = nn.Identity()
     # DEIMv2's YAMLs set `mlp_act: silu` and `activation: silu` (query position head, box heads,
     # proposal head, LQE); transformers 5.25 builds these MLPs with ReLU.
     for module in model.modules():
