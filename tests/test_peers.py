@@ -17,9 +17,10 @@ from mobileformer_det.modeling.peers import PEERS, build_peer, recipe_overrides 
 from mobileformer_det.utils.flops import flop_count_analysis  # noqa: E402
 
 TRAINABLE = [name for name, peer in PEERS.items() if peer.trainable]
-# Parameters of the DEIMv2 repository's own builds (Intellindust-AI-Lab/DEIMv2 at 0fff8d4, its YAMLs with
-# HGNetv2.pretrained False, 80 classes), counted there.
-AUTHORS_COUNTS = {"DEIMv2-Atto": 508985, "DEIMv2-Femto": 983945, "DEIMv2-Pico": 1539539, "DEIMv2-N": 3600421}
+# Parameters of the authors' own builds (their YAMLs with HGNetv2.pretrained False, 80 classes), counted
+# there: Intellindust-AI-Lab/DEIMv2 at 0fff8d4, Peterande/D-FINE at 4a1f73a.
+AUTHORS_COUNTS = {"DEIMv2-Atto": 508985, "DEIMv2-Femto": 983945, "DEIMv2-Pico": 1539539, "DEIMv2-N": 3600421,
+                  "D-FINE-N": 3782693, "D-FINE-S": 9533909}
 # Parameters the authors' code also keeps fixed: D-FINE's bin spacing and range (nn.Parameter(requires_grad=False)).
 CONSTANTS = {"model.decoder.reg_scale", "model.decoder.up"}
 
@@ -32,9 +33,9 @@ def _peer(name, *opts):
                                   "RT-DETRv2-R18"])
 def test_peers_are_the_published_models(name):
     """Parameters as published (to 10%: the papers round to 0.1 M below 2 M and to the million
-    above), DEIMv2's to the unit of its authors' code, and, for the HGNetV2 DETRs, GFLOPs at their
+    above), D-FINE's and DEIMv2's to the unit of their authors' code, and, for them, GFLOPs at their
     published input: the authors count a multiply-add as two flops, fvcore as one (to 15%: D-FINE-S
-    counts 28 against 25)."""
+    counts 27.5 against 25)."""
     peer = PEERS[name]
     torch.manual_seed(0)
     module, exportable = build_peer(name)
@@ -294,3 +295,25 @@ def test_train_net_trains_and_evaluates_a_peer_through_its_command_line(tmp_path
     trained, again = (next(line for line in run.stdout.splitlines()[::-1] if "copypaste: " in line and "," in line
                            and "AP," not in line) for run in (train, evaluate))
     assert trained.split("copypaste: ")[1] == again.split("copypaste: ")[1]
+
+
+@pytest.mark.parametrize("name", ["D-FINE-N", "DEIMv2-Atto"])
+def test_peers_start_from_their_authors_initialisation(name):
+    """As the authors' code initialises them from scratch (transformers draws every convolution and
+    linear layer from N(0, 0.01) and sets the class prior to 1 / (classes + 1), meant to be
+    overwritten by a checkpoint): PyTorch's default draws (std 1 / sqrt(3 fan_in)) in the backbone,
+    encoder and heads, class biases for a prior of 0.01, the box heads' last layers at zero, and
+    every decoder layer starting as a copy of the first."""
+    torch.manual_seed(0)
+    model = _peer(name).detector
+    convs = [m for m in model.model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight[0].numel() >= 64]
+    ratios = [float(m.weight.detach().std()) * (3 * m.weight[0].numel()) ** 0.5 for m in convs]
+    assert len(convs) > 20 and 0.85 < sum(ratios) / len(ratios) < 1.15, ratios
+    prior = -torch.log(torch.tensor(0.99 / 0.01))
+    decoder = model.model.decoder
+    for head in [model.model.enc_score_head, *decoder.class_embed]:
+        torch.testing.assert_close(head.bias, prior.expand_as(head.bias))
+    for head in [model.model.enc_bbox_head, decoder.pre_bbox_head, *decoder.bbox_embed]:
+        assert not head.layers[-1].weight.any() and not head.layers[-1].bias.any()
+    first = decoder.layers[0].state_dict()
+    assert all(torch.equal(first[k], v) for layer in decoder.layers[1:] for k, v in layer.state_dict().items())

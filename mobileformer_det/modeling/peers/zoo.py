@@ -12,6 +12,7 @@ optimiser of its own recipe. The configurations are mapped from the authors' YAM
 (``freeze_backbone_batch_norms``, right for a *pretrained* backbone); these recipes train them
 (``freeze_norm: False``), and so do the builds here.
 """
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -61,10 +62,11 @@ def _d_fine(size, num_labels, num_queries):
             hidden_expansion=0.34)
     else:
         config = DFineConfig(backbone_config=_hgnetv2("B0", [2, 3, 4]), encoder_in_channels=[256, 512, 1024],
-                             decoder_n_points=[3, 6, 3], depth_mult=0.34, hidden_expansion=0.5)
+                             decoder_n_points=[3, 6, 3], decoder_ffn_dim=512, depth_mult=0.34, hidden_expansion=0.5)
     config.update(dict(num_labels=num_labels, num_queries=num_queries, decoder_layers=3,
                        freeze_backbone_batch_norms=False))
     model = DFineForObjectDetection(config)
+    init_as_the_authors(model)
     model.loss_function = AuthorsCriterion(config, "vfl", local=True, union=True)
     return model
 
@@ -103,9 +105,69 @@ def _deimv2(size, num_labels, num_queries):
     for module in model.modules():
         if type(module).__name__ == "Deimv2MLP" and isinstance(module.act, nn.ReLU):
             module.act = nn.SiLU()
+    init_as_the_authors(model)
     # DEIMCriterion: Atto to Pico `losses: ['mal', 'boxes']`, `use_uni_set: False`; N its defaults.
     model.loss_function = AuthorsCriterion(config, "mal", local=not lite, union=not lite)
     return model
+
+
+def _xavier_rows(weights):
+    """Xavier-uniform over the weights stacked along their output rows, as one matrix: how the
+    authors' fused layers (``nn.MultiheadAttention``'s ``in_proj``, SwiGLU's ``w12``) draw what
+    transformers keeps as separate layers."""
+    fan_out, fan_in = sum(w.shape[0] for w in weights), weights[0].shape[1]
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    for w in weights:
+        nn.init.uniform_(w, -bound, bound)
+
+
+@torch.no_grad()
+def init_as_the_authors(model, prior=0.01):
+    """Initialise a D-FINE or DEIMv2 model of ``transformers`` from scratch as the authors' code
+    does. transformers draws every convolution and linear layer from N(0, 0.01)
+    (``initializer_range``, which a checkpoint then overwrites) and the class biases for a prior
+    of 1 / (classes + 1); the authors' modules keep PyTorch's own initialisation (the backbone and
+    encoder included), except: the class biases for a prior of ``prior`` (0.01), the last layers
+    of the box heads at zero, the query position head and the FFNs Xavier-uniform (SwiGLU's two
+    input projections as one matrix), the self-attention as ``nn.MultiheadAttention`` draws it,
+    the deformable attention's offsets on a grid with zero weights, the gates and LQE at zero, and
+    every decoder layer and head a copy of the first (their ``copy.deepcopy``)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            m.reset_parameters()
+    bias = -math.log((1 - prior) / prior)
+    inner = model.model
+    for m in model.modules():
+        kind = type(m).__name__
+        if kind.endswith("SelfAttention"):
+            _xavier_rows([m.q_proj.weight, m.k_proj.weight, m.v_proj.weight])
+            for layer in (m.q_proj, m.k_proj, m.v_proj, m.o_proj):
+                nn.init.zeros_(layer.bias)
+        elif kind.endswith(("MultiscaleDeformableAttention", "Gate", "LQE")):
+            model._init_weights(m)  # transformers' init of these is the authors'
+        elif kind.endswith("SwiGLUFFN"):
+            _xavier_rows([m.gate_proj.weight, m.up_proj.weight])
+            nn.init.xavier_uniform_(m.down_proj.weight)
+            for layer in (m.gate_proj, m.up_proj, m.down_proj):
+                nn.init.zeros_(layer.bias)
+        elif kind == "DFineDecoderLayer":  # D-FINE's linear1 and linear2
+            for layer in m.mlp.layers:
+                nn.init.xavier_uniform_(layer.weight)
+    if isinstance(inner.enc_output, nn.Sequential):  # D-FINE's
+        nn.init.xavier_uniform_(inner.enc_output[0].weight)
+    nn.init.constant_(inner.enc_score_head.bias, bias)
+    decoder = inner.decoder
+    for layer in decoder.query_pos_head.layers:
+        nn.init.xavier_uniform_(layer.weight)
+    for head in (inner.enc_bbox_head, decoder.pre_bbox_head, *decoder.bbox_embed):
+        nn.init.zeros_(head.layers[-1].weight)
+        nn.init.zeros_(head.layers[-1].bias)
+    for head in decoder.class_embed:
+        nn.init.constant_(head.bias, bias)
+    for copies in (decoder.layers, decoder.class_embed, decoder.bbox_embed):
+        for other in copies[1:]:
+            if other is not copies[0]:
+                other.load_state_dict(copies[0].state_dict())
 
 
 class AuthorsCriterion:
