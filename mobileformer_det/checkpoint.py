@@ -196,7 +196,8 @@ class MobileFormerCheckpointer(DetectionCheckpointer):
       tensors with a warning and go on with random ones. With ``fine_tune=True`` (a new training
       from ``MODEL.WEIGHTS``) the class heads alone may differ, in their class count: they start
       afresh, as when Detectron2 fine-tunes a COCO model on another dataset. A checkpoint of the
-      backbone only (``tools/convert_official_weights.py``) loads into the detector's backbone;
+      backbone only (``tools/convert_official_weights.py``) loads into the detector's backbone (the
+      FPN's bottom-up network for RetinaNet and Faster R-CNN);
     - loads a checkpoint's averaged weights (``"ema"``, written by a training with
       ``MODEL_EMA.ENABLED``) into the model, unless ``use_average=False`` (a resumed training, whose
       model gets its own weights back and its average, if it keeps one, its own): evaluation, the
@@ -283,12 +284,26 @@ class MobileFormerCheckpointer(DetectionCheckpointer):
             self.logger.info(f"loading the averaged weights (MODEL_EMA, {checkpoint['ema']['updates']} updates) "
                              f"of {self._file}")
             checkpoint["model"] = checkpoint.pop("ema")["model"]
+        backbone_only = _backbone_only(checkpoint["model"])
+        if backbone_only:
+            checkpoint["model"] = self._to_bottom_up(checkpoint["model"])
         if not checkpoint.get("matching_heuristics", False):
-            self._check_fits(checkpoint["model"])
+            self._check_fits(checkpoint["model"], backbone_only)
         return super()._load_model(checkpoint)
 
-    def _check_fits(self, state_dict):
-        """Raise ``ValueError`` when a detector checkpoint does not fit the model (see the class docstring)."""
+    def _to_bottom_up(self, state_dict):
+        """A backbone-only checkpoint (``backbone.*``, ``head.*``) for a model whose Mobile-Former is
+        the bottom-up network of an FPN (``backbone.bottom_up.*``, the builders of
+        ``modeling/backbone/fpn.py``): its backbone keys moved there, as Detectron2's ImageNet ResNet
+        weights load under an FPN."""
+        if not any(k.startswith("backbone.bottom_up.") for k in self.model.state_dict()):
+            return state_dict
+        return {("backbone.bottom_up." + k[len("backbone."):] if k.startswith("backbone.") else k): v
+                for k, v in state_dict.items()}
+
+    def _check_fits(self, state_dict, backbone_only):
+        """Raise ``ValueError`` when a checkpoint does not fit the model (see the class docstring): a
+        detector's any difference, a backbone's only in shapes."""
         ours = self.model.state_dict()
         theirs = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
         mismatched = {k: (tuple(v.shape), tuple(ours[k].shape)) for k, v in theirs.items()
@@ -304,9 +319,8 @@ class MobileFormerCheckpointer(DetectionCheckpointer):
                     state_dict.pop(k, None)
                     state_dict.pop("module." + k, None)
                 mismatched = {}
-        detector = any(not k.startswith(("backbone.", "head.")) for k in theirs)
-        missing = [k for k in ours if k not in theirs and not k.endswith("num_batches_tracked")] if detector else []
-        unexpected = [k for k in theirs if k not in ours] if detector else []
+        missing = [] if backbone_only else [k for k in ours if k not in theirs and not k.endswith("num_batches_tracked")]
+        unexpected = [] if backbone_only else [k for k in theirs if k not in ours]
         if not (mismatched or missing or unexpected):
             return
         problems = []
@@ -320,6 +334,15 @@ class MobileFormerCheckpointer(DetectionCheckpointer):
             f"the checkpoint {self._file!r} does not fit the model the config builds; {'; '.join(problems)}. Use the "
             f"config the checkpoint was trained with (its output folder's config.yaml), or set the keys it differs "
             f"in (e.g. MODEL.MF_DETR.NUM_CLASSES, DECODER.NUM_LAYERS, HIDDEN_DIM) to the checkpoint's values")
+
+
+def _backbone_only(state_dict):
+    """Whether ``state_dict`` is a backbone's (the converter's or a classifier's: ``backbone.*`` and
+    ``head.*`` keys), not a detector's (RetinaNet's head is ``head.*`` too, but its Mobile-Former is
+    an FPN's ``backbone.bottom_up``)."""
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in state_dict]
+    return all(k.startswith(("backbone.", "head.")) for k in keys) and not any(
+        k.startswith("backbone.bottom_up.") for k in keys)
 
 
 def remove_stale_temporaries(folder):

@@ -7,7 +7,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.utils import comm
 
-__all__ = ["RENAMED_KEYS", "add_mobileformer_config", "setup_cfg"]
+__all__ = ["RENAMED_KEYS", "add_mobileformer_config", "num_classes", "setup_cfg"]
 
 # Old flat MODEL.MF_DETR keys -> their keys in the sub-nodes (version 0.1.0 to 0.2.0).
 RENAMED_KEYS = {f"MODEL.MF_DETR.{old}": f"MODEL.MF_DETR.{new}" for old, new in {
@@ -237,3 +237,18 @@ def setup_cfg(config_file=None, opts=(), *, freeze=True):
     if freeze:
         cfg.freeze()
     return cfg
+
+
+# Where each meta architecture reads its class count: Detectron2's own detectors in their heads' keys;
+# MF-DETR and PeerDETR in MODEL.MF_DETR.
+_NUM_CLASSES_KEYS = {"RetinaNet": "MODEL.RETINANET.NUM_CLASSES", "GeneralizedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES"}
+
+
+def num_classes(cfg):
+    """The class count of ``cfg``'s detector and the key it is read from, e.g.
+    ``(4, "MODEL.RETINANET.NUM_CLASSES")`` for a RetinaNet."""
+    key = _NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE, "MODEL.MF_DETR.NUM_CLASSES")
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node, key

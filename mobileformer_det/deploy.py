@@ -65,10 +65,11 @@ class TensorDetector(nn.Module):
 
 def load_model(cfg):
     """Build the detector of ``cfg``, load ``MODEL.WEIGHTS`` (variant checked) and prepare it for
-    inference (``MFDETR.deploy``: batch norm and neck folded; channels-last backbone)."""
+    inference: MF-DETR deployed (``MFDETR.deploy``: batch norm and neck folded; channels-last
+    backbone), Detectron2's RetinaNet and Faster R-CNN in eval mode."""
     model = build_model(cfg)
     MobileFormerCheckpointer(model, variant=cfg.MODEL.MOBILEFORMER.VARIANT).load(cfg.MODEL.WEIGHTS)
-    return model.deploy()
+    return model.deploy() if hasattr(model, "deploy") else model.eval()
 
 
 def export_onnx(model, path, height, width, dynamic_batch=False, opset=17, masked=True):

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Parameters, FLOPs (fvcore; one multiply-add = one flop) and structure of MF-DETR and Mobile-Former.
+"""Parameters, FLOPs (fvcore; one multiply-add = one flop) and structure of MF-DETR (or Detectron2's
+RetinaNet and Faster R-CNN on Mobile-Former) and Mobile-Former.
 
     python tools/analyze_model.py --config-file configs/mf_detr.yaml --tasks flop parameter structure
     python tools/analyze_model.py --tasks variants          # the backbone table of the seven variants
@@ -7,7 +8,8 @@
 
 ``flop`` counts the detector at the config's test size (shorter side ``INPUT.MIN_SIZE_TEST``,
 longer side 1.52x, rounded up to a multiple of 32: 800x1216 for COCO) unless ``--input-size H W``,
-split into backbone / neck / transformer (decoder, heads, optional encoder).
+split into backbone / neck / transformer (decoder, heads, optional encoder); for RetinaNet and
+Faster R-CNN into backbone / fpn / their heads.
 """
 import argparse
 import logging
@@ -39,9 +41,16 @@ def default_input_size(cfg):
 
 
 def detector_flops(model, height, width):
-    """Total and per-part GFLOPs of a detector on one ``height x width`` image."""
+    """Total and per-part GFLOPs of a detector on one ``height x width`` image: MF-DETR's backbone,
+    neck and transformer; for a Detectron2 detector on an FPN, Mobile-Former, the FPN and each of
+    its other parts (RetinaNet's ``head``, Faster R-CNN's ``proposal_generator`` and ``roi_heads``)."""
     total, by_module = detector_flops_by_module(model, height, width)
-    return total, {p: by_module.get(p, 0.0) for p in ("backbone", "neck", "transformer")}
+    if not hasattr(model.backbone, "bottom_up"):
+        return total, {p: by_module.get(p, 0.0) for p in ("backbone", "neck", "transformer")}
+    parts = {"backbone": by_module.get("backbone.bottom_up", 0.0),
+             "fpn": by_module.get("backbone", 0.0) - by_module.get("backbone.bottom_up", 0.0)}
+    parts.update({name: by_module.get(name, 0.0) for name, _ in model.named_children() if name != "backbone"})
+    return total, parts
 
 
 def count_params(module):
@@ -77,7 +86,7 @@ def detectors_table(cfg):
         rows.append(row)
     headers = ["variant", "params (M)"]
     for h, w in DETECTION_SIZES:
-        headers += [f"GFLOPs@{h}x{w}", "backbone / neck / transformer"]
+        headers += [f"GFLOPs@{h}x{w}", " / ".join(parts)]
     return tabulate(rows, headers, tablefmt="pipe")
 
 

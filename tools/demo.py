@@ -48,6 +48,7 @@ from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
 from mobileformer_det import setup_cfg
+from mobileformer_det.config import num_classes
 from mobileformer_det.data import check_num_classes, register_datasets_from_config
 from mobileformer_det.deploy import RUNTIMES, Predictor
 
@@ -197,7 +198,8 @@ def main(argv=None):
             register_datasets_from_config(cfg)
             if "thing_dataset_id_to_contiguous_id" not in metadata.as_dict():
                 DatasetCatalog.get(metadata.name)  # a COCO-format dataset sets them when loaded
-            check_num_classes(cfg.MODEL.MF_DETR.NUM_CLASSES, metadata.name)
+            count, key = num_classes(cfg)
+            check_num_classes(count, metadata.name, key)
         except (KeyError, FileNotFoundError, ValueError) as e:
             logger.error(str(e))
             return 2

@@ -73,6 +73,11 @@ def main(argv=None):
                      f"(Mobile-Former's stride)")
 
     cfg = setup_cfg(args.config_file, args.opts + ["MODEL.DEVICE", "cpu"])
+    if cfg.MODEL.META_ARCHITECTURE != "MFDETR":
+        parser.error(f"MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE}: this tool exports MF-DETR only. "
+                     f"Detectron2's RetinaNet and Faster R-CNN export through Detectron2's own exporter "
+                     f"(detectron2.export.TracingAdapter, as its tools/deploy/export_model.py --export-method tracing "
+                     f"--format onnx does)")
     needed = sizes = None
     try:
         register_datasets_from_config(cfg)

@@ -12,6 +12,7 @@ from detectron2.utils.events import TensorboardXWriter
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import MobileFormerCheckpointer
+from ..config import num_classes
 from ..data import (
     DetrDatasetMapper,
     check_num_classes,
@@ -178,8 +179,9 @@ class Trainer(DefaultTrainer):
         dicts = drop_missing_images(dicts, cfg.DATASETS.TRAIN)
         dicts, dropped = drop_invalid_boxes(dicts, cfg.DATASETS.TRAIN)
         check_training_boxes(dicts, cfg.DATASETS.TRAIN, dropped)
+        count, key = num_classes(cfg)
         for name in cfg.DATASETS.TRAIN:
-            check_num_classes(cfg.MODEL.MF_DETR.NUM_CLASSES, name)
+            check_num_classes(count, name, key)
         mapper = DetrDatasetMapper(cfg, is_train=True, dataset_dicts=dicts)
         loader = build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
         loader.progress = mapper.progress  # the iteration the mapper's schedule reads (DataProgress writes it)
@@ -190,7 +192,8 @@ class Trainer(DefaultTrainer):
         """Detectron2's test loader over the images of ``dataset_name`` that exist (the others are
         named in a warning); an image that cannot be read is skipped by the mapper and the
         evaluator (:class:`ReadableCOCOEvaluator`)."""
-        check_num_classes(cfg.MODEL.MF_DETR.NUM_CLASSES, dataset_name)
+        count, key = num_classes(cfg)
+        check_num_classes(count, dataset_name, key)
         dicts = drop_missing_images(get_detection_dataset_dicts([dataset_name], filter_empty=False), [dataset_name])
         return build_detection_test_loader(dataset=dicts, mapper=DetrDatasetMapper(cfg, is_train=False),
                                            num_workers=cfg.DATALOADER.NUM_WORKERS)

@@ -1,2 +1,3 @@
 from .classifier import MobileFormerClassifier, mobile_former_classifier
 from .mobile_former import VARIANTS, MobileFormer, MobileFormerSpec, build_mobileformer_backbone
+from .fpn import build_mobileformer_fpn_backbone, build_retinanet_mobileformer_fpn_backbone
